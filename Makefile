@@ -1,0 +1,43 @@
+# One virtual environment (.venv) with the pinned versions of constraints.txt; every target installs it first.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install test test-slow demo fashion-mnist scaling-plots tokens lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+# Debian ships the real Fashion-MNIST idx files; install them when we can (root or sudo), else use data.root.
+fashion-mnist:
+	@if [ -f $(FMNIST) ]; then echo "Fashion-MNIST: $(FMNIST)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; \
+	else echo "Fashion-MNIST not found: install Debian's dataset-fashion-mnist or pass data.root=DIR"; fi
+
+demo: install fashion-mnist
+	$(PY) -m bench.demo
+
+scaling-plots: install
+	$(PY) -m bench.plots
+
+tokens: install
+	$(PY) -m bench.tokens
+
+lint: install
+	.venv/bin/ruff check .
+
+clean:
+	rm -rf outputs multirun runs .pytest_cache

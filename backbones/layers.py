@@ -1,0 +1,303 @@
+"""Layers shared by every backbone: embedders, patchify, positional embeddings, adaLN, attention, base class.
+
+Module and parameter names follow the official DiT code (facebookresearch/DiT, models.py) so that official
+state_dicts load unchanged into any backbone built from these pieces.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conditioning
+# --------------------------------------------------------------------------------------------------------------
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of token features ``x`` (B, T, D) by per-sample (B, D) shift and scale (note 1 + scale)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """ADM/GLIDE sinusoidal embedding of (possibly fractional) timesteps, cos first, always float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal frequency embedding of t followed by Linear-SiLU-Linear (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+def drop_labels(labels: torch.Tensor, dropout_prob: float, null_class: int,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free-guidance label dropout: replace labels by ``null_class`` with probability ``dropout_prob``.
+
+    Backbones with several label tables call this once and feed the same dropped labels to every table.
+    """
+    if force_drop_ids is None:
+        drop_ids = torch.rand(labels.shape[0], device=labels.device) < dropout_prob
+    else:
+        drop_ids = force_drop_ids == 1
+    return torch.where(drop_ids, torch.full_like(labels, null_class), labels)
+
+
+class LabelEmbedder(nn.Module):
+    """Class-label table; the extra row ``num_classes`` is the CFG null class (present when dropout_prob > 0)."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = drop_labels(labels, self.dropout_prob, self.num_classes, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patchify and positional embeddings
+# --------------------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens (row-major), as a strided conv (timm-compatible key ``proj``)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int, bias: bool = True):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}; "
+                             f"choose a patch size that divides the input side")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"expected input of spatial size {self.input_size}x{self.input_size}, "
+                             f"got {tuple(x.shape[-2:])}; build the model with input_size={x.shape[-1]}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, out_channels: int, grid_h: int, grid_w: int | None = None
+               ) -> torch.Tensor:
+    """(B, T, p*p*C) tokens with per-token layout (p_row, p_col, C) -> (B, C, H, W) image."""
+    grid_w = grid_h if grid_w is None else grid_w
+    p, c = patch_size, out_channels
+    x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, grid_h * p, grid_w * p)
+
+
+def get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """MAE-style 1-D embedding: [sin(pos*w), cos(pos*w)], w_k = 1/10000^(k/(D/2)), float64."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos positional embedding needs an even dimension, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int]) -> np.ndarray:
+    """(H*W, D) fixed 2-D sin-cos embedding; the first D/2 channels encode the column index (official order)."""
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos positional embedding needs a dimension divisible by 4, got {embed_dim}")
+    grid_w, grid_h = np.meshgrid(np.arange(gw, dtype=np.float32), np.arange(gh, dtype=np.float32))
+    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, grid_w)
+    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, grid_h)
+    return np.concatenate([emb_w, emb_h], axis=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token mixers and MLP
+# --------------------------------------------------------------------------------------------------------------
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # optional CUDA extra
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention on (B, heads, T, head_dim); flash-attn on CUDA half precision when installed."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _flash_attn_func()
+        if flash is not None:
+            return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm layout: rows q | k | v, head-major)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2 (timm key names); tanh-GELU by default as in DiT."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 act_layer: type[nn.Module] | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer() if act_layer is not None else nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def adaln_modulation(hidden_size: int, n_vectors: int) -> nn.Sequential:
+    """SiLU -> Linear(D, n*D): the adaLN(-Zero) regressor (key ``adaLN_modulation.1``)."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, n_vectors * hidden_size, bias=True))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a linear map of each token to a p x p x C patch."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = adaln_modulation(hidden_size, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Initialisation helpers (official DiT scheme)
+# --------------------------------------------------------------------------------------------------------------
+def xavier_init_linears(module: nn.Module) -> None:
+    """xavier_uniform weights and zero biases for every nn.Linear below ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def init_patch_embed(conv: nn.Conv2d) -> None:
+    """Patch-embed conv initialised like an nn.Linear on the flattened patch (xavier on w.view(D, -1))."""
+    nn.init.xavier_uniform_(conv.weight.data.view(conv.weight.shape[0], -1))
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+def init_embedders(t_embedders: Iterable[TimestepEmbedder], y_embedders: Iterable[LabelEmbedder]) -> None:
+    """N(0, 0.02) for label tables and the timestep-MLP weights (biases stay 0)."""
+    for y in y_embedders:
+        nn.init.normal_(y.embedding_table.weight, std=0.02)
+    for t in t_embedders:
+        nn.init.normal_(t.mlp[0].weight, std=0.02)
+        nn.init.normal_(t.mlp[2].weight, std=0.02)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` (adaLN-Zero regressors, output heads)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Base class shared by every backbone
+# --------------------------------------------------------------------------------------------------------------
+class DiffusionBackbone(nn.Module):
+    """What the trainer, samplers and harness rely on, and nothing more (EDM style).
+
+    Subclasses set ``in_channels``, ``out_channels``, ``num_classes``, ``learn_sigma``, ``input_size`` and
+    ``arch`` (a dict with the sweep coordinates: size, patch, depth, width; ``None`` where not meaningful) and
+    implement ``forward(x, t, y) -> (B, out_channels, H, W)``.
+    """
+
+    in_channels: int
+    out_channels: int
+    num_classes: int
+    learn_sigma: bool
+    input_size: int
+    arch: dict
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guided_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance on a 2B batch whose second half carries the null label ``num_classes``.
+
+        Only the first half of ``x`` is used (both halves are the same latent). By default all
+        ``in_channels`` epsilon channels are guided; ``guided_channels=3`` reproduces DiT's published variant.
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self(combined, t, y)
+        n_guided = self.in_channels if guided_channels is None else guided_channels
+        eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    def auxiliary_loss(self, noise: torch.Tensor) -> torch.Tensor | None:
+        """Extra per-sample training loss (B,) from the last forward pass, added by the trainer.
+
+        The general hook for backbones with auxiliary outputs (e.g. DiMR's multi-scale epsilon loss); the
+        default adds nothing.
+        """
+        return None
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to exclude from weight decay (timm convention)."""
+        return set()
+
+
+def resolve_preset(presets: dict[str, dict], size: str, overrides: dict) -> dict:
+    """Merge a named preset with explicit (non-None) overrides; unknown sizes list the valid ones."""
+    if size not in presets:
+        raise ValueError(f"unknown size preset {size!r}; choose one of {', '.join(presets)}")
+    cfg = dict(presets[size])
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    return cfg
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (frozen ones such as a fixed pos_embed included unless trainable_only)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

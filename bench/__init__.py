@@ -1,0 +1,1 @@
+"""Benchmark harness: FLOP counting, metrics, throughput, sweeps and plots over every registered backbone."""

@@ -1,0 +1,112 @@
+"""Forward multiply-accumulates of a backbone, DiT's convention.
+
+GMACs = forward multiply-accumulates for ONE image (batch 1), one network evaluation (no CFG doubling), the
+backbone only (no VAE). Linear/conv/matmul layers and attention matmuls (QK^T and AV) count; LayerNorm counts
+as fvcore defines it; other elementwise operations (activations, additions, modulation) count zero. This is the
+convention of the DiT paper (issue facebookresearch/DiT#14) and reproduces its table.
+
+Counting uses fvcore's tracer with handles for ``scaled_dot_product_attention`` and for every custom op the
+backbones register in ``backbones.opcount``. An operator that is neither counted nor known to be free raises an
+error naming it: a silent zero would make a GMACs-vs-FID plot lie.
+"""
+
+from __future__ import annotations
+
+import logging
+from math import prod
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from backbones.opcount import OP_MACS
+
+CONVENTION = "forward GMACs, batch 1, one network evaluation (no CFG doubling), backbone only"
+
+# Ops that are free under the convention (elementwise, shape, indexing, reductions of O(size) work).
+ZERO_COST_OPS = {
+    "aten::gelu", "aten::silu", "aten::sigmoid", "aten::relu", "aten::relu_", "aten::tanh", "aten::softmax",
+    "aten::exp", "aten::log", "aten::sin", "aten::cos", "aten::neg", "aten::abs", "aten::sqrt", "aten::rsqrt",
+    "aten::pow", "aten::square", "aten::reciprocal", "aten::clamp", "aten::clamp_min", "aten::maximum",
+    "aten::minimum", "aten::where", "aten::lt", "aten::gt", "aten::eq", "aten::ne", "aten::ge", "aten::le",
+    "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div", "aten::div_",
+    "aten::sum", "aten::mean", "aten::max", "aten::amax", "aten::cumsum", "aten::var", "aten::std",
+    "aten::embedding", "aten::pad", "aten::constant_pad_nd", "aten::pixel_shuffle", "aten::pixel_unshuffle",
+    "aten::roll", "aten::flip", "aten::repeat", "aten::expand_as", "aten::full_like", "aten::zeros_like",
+    "aten::ones_like", "aten::rand", "aten::randn", "aten::arange", "aten::fill_", "aten::copy_",
+    "aten::scatter", "aten::gather", "aten::index", "aten::index_select", "aten::masked_fill",
+    "aten::einsum_shape_only", "aten::sort", "aten::split_with_sizes", "aten::unbind", "aten::stack",
+    "aten::clone", "aten::detach", "aten::dropout", "aten::type_as", "aten::new_zeros", "aten::new_ones",
+    "aten::lerp", "aten::addcmul", "aten::log_sigmoid", "aten::softplus", "aten::erf", "aten::hardtanh",
+    "aten::mish", "aten::leaky_relu", "aten::elu", "aten::glu", "aten::logical_not", "aten::bitwise_not",
+    "aten::full", "aten::zeros", "aten::ones", "aten::empty", "aten::new_full", "aten::chunk",
+    "aten::floor_divide", "aten::remainder", "aten::round", "aten::floor", "aten::ceil",
+}
+
+
+def _shapes(values: list) -> list:
+    from fvcore.nn.jit_handles import get_shape
+
+    out = []
+    for v in values:
+        try:
+            out.append(tuple(get_shape(v)) if v.isCompleteTensor() else None)
+        except Exception:  # non-tensor argument (scalar, list, None)
+            out.append(None)
+    return out
+
+
+def sdpa_macs(input_shapes: list, output_shapes: list) -> float:
+    """QK^T plus AV: batch * L * S * (E + Ev); softmax, scale and masks are free."""
+    q, k, v = input_shapes[:3]
+    *batch, L, E = q
+    return prod(batch) * L * k[-2] * (E + v[-1])
+
+
+def _handle(formula):
+    def handle(inputs, outputs):
+        return formula(_shapes(list(inputs)), _shapes(list(outputs)))
+
+    return handle
+
+
+def gmacs_by_operator(model: nn.Module, input_size: int, in_channels: int, num_classes: int | None = None
+                      ) -> dict[str, float]:
+    """Per-operator forward GMACs at batch 1 (keys are fvcore operator names)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    param = next(model.parameters())
+    x = torch.randn(1, in_channels, input_size, input_size, device=param.device, dtype=param.dtype)
+    t = torch.full((1,), 500, device=param.device, dtype=torch.long)
+    y = torch.zeros(1, device=param.device, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        fca = FlopCountAnalysis(model, (x, t, y))
+        fca.set_op_handle("aten::scaled_dot_product_attention", _handle(sdpa_macs))
+        for name, formula in OP_MACS.items():
+            fca.set_op_handle(name, _handle(formula))
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        by_op = fca.by_operator()
+        unknown = {op: n for op, n in fca.unsupported_ops().items() if op not in ZERO_COST_OPS}
+    finally:
+        model.train(was_training)
+    if unknown:
+        raise RuntimeError(
+            f"the FLOP counter does not know operator(s) {sorted(unknown)} used by {type(model).__name__}; "
+            f"register a MAC formula with backbones.opcount.register_macs (custom ops) or, if the op is "
+            f"elementwise and free under the convention, add it to bench.flops.ZERO_COST_OPS")
+    return {op: n / 1e9 for op, n in by_op.items()}
+
+
+def forward_gmacs(model: nn.Module, input_size: int, in_channels: int) -> float:
+    """Forward GMACs at batch 1 (see module docstring for the convention)."""
+    return sum(gmacs_by_operator(model, input_size, in_channels).values())
+
+
+def count_params(model: nn.Module) -> dict[str, Any]:
+    """Total parameters (frozen pos_embed included, as DiT's train.py logs) and trainable parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params": total, "trainable_params": trainable}
