@@ -60,3 +60,24 @@ def get(name: str) -> Callable[..., nn.Module]:
 def build(name: str, **kwargs) -> nn.Module:
     """Build backbone ``name``; keyword arguments go to its constructor (size preset, overrides, data shape)."""
     return get(name)(**kwargs)
+
+
+# Token mixers for the token-scaling benchmark (bench.tokens): name -> factory(width, grid_h, grid_w) returning a
+# module that maps (B, T, width) -> (B, T, width) with T = grid_h * grid_w. Backbone modules register their own.
+_TOKEN_MIXERS: dict[str, Callable[[int, int, int], nn.Module]] = {}
+
+
+def register_token_mixer(name: str) -> Callable:
+    """Decorator for a token-mixer factory ``f(width, grid_h, grid_w) -> nn.Module`` used by bench.tokens."""
+
+    def decorator(factory: Callable[[int, int, int], nn.Module]) -> Callable[[int, int, int], nn.Module]:
+        _TOKEN_MIXERS[name] = factory
+        return factory
+
+    return decorator
+
+
+def token_mixers() -> dict[str, Callable[[int, int, int], nn.Module]]:
+    """All registered token-mixer factories (importing every backbone module first)."""
+    _discover()
+    return dict(_TOKEN_MIXERS)

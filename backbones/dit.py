@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn as nn
 
-from . import register
+from . import register, register_token_mixer
 from .layers import (
     Attention,
     DiffusionBackbone,
@@ -133,3 +133,9 @@ def load_official_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_e
                            f"{sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}; build the model "
                            f"with the config the checkpoint was trained with (size, patch_size, input_size)")
     return state
+
+
+@register_token_mixer("softmax_attention")
+def _attention_mixer(width: int, grid_h: int, grid_w: int) -> nn.Module:
+    """DiT's mixer: multi-head softmax attention (head dim 64) through SDPA."""
+    return Attention(width, max(1, width // 64), qkv_bias=True)
