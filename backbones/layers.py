@@ -301,3 +301,76 @@ def resolve_preset(presets: dict[str, dict], size: str, overrides: dict) -> dict
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (frozen ones such as a fixed pos_embed included unless trainable_only)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time-dependent normalisation (DiMR, Liu et al. NeurIPS 2024; official qihao067/DiMR libs/core/sigmoid)
+# --------------------------------------------------------------------------------------------------------------
+def td_time_condition(t: torch.Tensor, num_timesteps: int = 1000) -> torch.Tensor:
+    """Map integer DDPM indices t in [0, num_timesteps - 1] to DiMR's time input in (-1, 1], float32.
+
+    Official DiMR trains on discrete steps n in {1..1000} whose noise level is alphas_cumprod[n - 1] of the ADM
+    indexing (its ``cum_alphas`` is prefixed by 1 for n = 0), so n = t + 1. It feeds ``log_snr = n/1000*8 - 4``
+    (a linear map of the step, not the true log-SNR) and the norms see ``log_snr / 4``. Same op order as official.
+    """
+    n = t.float() + 1
+    log_snr = (n / num_timesteps) * 8 - 4
+    return log_snr / 4.0
+
+
+class TimeDependentParameter(nn.Module):
+    """theta(t) = p2 + sigmoid(t * (w + 1) + b) * (p1 - p2), elementwise, one row per sample: (B, *shape).
+
+    Official names: ``param0`` = p1, ``param1`` = p2, ``nodecay_weight`` = w (stored minus 1, so w = 1 at init),
+    ``nodecay_bias`` = b. Init p1 = p2 = ``init_value`` (so theta is exactly time independent at init), w = b = 0.
+    The official trainer exempts only ``nodecay_*`` from weight decay.
+    """
+
+    def __init__(self, shape: Sequence[int], init_value: float):
+        super().__init__()
+        self.param0 = nn.Parameter(torch.full(tuple(shape), float(init_value)))
+        self.param1 = nn.Parameter(torch.full(tuple(shape), float(init_value)))
+        self.nodecay_weight = nn.Parameter(torch.zeros(tuple(shape)))
+        self.nodecay_bias = nn.Parameter(torch.zeros(tuple(shape)))
+
+    def forward(self, time: torch.Tensor) -> torch.Tensor:
+        time = time.reshape(-1, *([1] * self.param0.dim())).to(self.param0.dtype)
+        s = torch.sigmoid(time * (self.nodecay_weight + 1) + self.nodecay_bias)
+        return self.param1 + s * (self.param0 - self.param1)
+
+
+def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B, D) per-sample channel vector -> (B, 1, ..., 1, D) broadcastable against a channel-last ``ndim`` tensor."""
+    return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
+
+
+class TDLayerNorm(nn.Module):
+    """LayerNorm over the last dim with time-dependent gamma(t), beta(t) (each its own TimeDependentParameter).
+
+    ``forward(x, time)``: x channel-last (B, ..., D); time (B,) or (1,) from :func:`td_time_condition`.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = TimeDependentParameter((dim,), 1.0)
+        self.bias = TimeDependentParameter((dim,), 0.0)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x, (self.dim,), eps=self.eps)
+        out = out * _per_sample(self.weight(time), x.dim()) + _per_sample(self.bias(time), x.dim())
+        return out.to(x.dtype)
+
+
+class TDRMSNorm(nn.Module):
+    """RMSNorm with a time-dependent scale (no shift): x / (rms(x) + eps) * gamma(t); eps is added to the RMS."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.scale = TimeDependentParameter((dim,), 1.0)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        rms = xf.pow(2).mean(dim=-1, keepdim=True).sqrt()  # pow/mean/sqrt: free under the MAC convention
+        return (xf / (rms + self.eps) * _per_sample(self.scale(time), x.dim())).to(x.dtype)
