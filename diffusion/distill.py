@@ -1,0 +1,135 @@
+"""Hybrid knowledge distillation (LiT guideline 5), usable with any student and any registered teacher backbone.
+
+A frozen teacher sees the same noisy input x_t, timestep and label as the student; the student's own loss
+(mse + vb) gets
+
+    lambda_eps * mean_flat((eps_T - eps_S)^2)  +  lambda_var * mean_flat((Sigma_T - Sigma_S)^2)
+
+with eps the first ``in_channels`` output channels and Sigma the learned-variance half. As in lit.md ("Sigma =
+variance head, DiT's second output half"), Sigma is the raw network output v of the learned-range
+parametrisation (log var = (v+1)/2 log beta_t + (1-(v+1)/2) log beta~_t), not the variance it implies; both
+live on the same scale for teacher and student at the same t, so matching v matches the variance. Pass
+``var_transform`` (e.g. v -> log variance from the diffusion object) to compare another quantity instead.
+Defaults lambda_eps = 0.5, lambda_var = 0.05: the best C2I ablation in the paper (LiT-S/2, DiT-XL/2 teacher).
+
+Labels: the student drops labels for classifier-free guidance inside its forward pass; to give the teacher the
+same condition, drop once outside (``backbones.layers.drop_labels``) and feed the dropped labels to both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+import backbones
+
+log = logging.getLogger(__name__)
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def hybrid_distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor | None, in_channels: int,
+                             lambda_eps: float = 0.5, lambda_var: float = 0.05,
+                             var_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-sample (B,) distillation loss between student and teacher outputs of shape (B, C_out, H, W).
+
+    ``teacher_out`` None or both lambdas 0 gives zeros (the student's loss is unchanged). The variance term needs
+    learned-sigma outputs (C_out = 2 * in_channels) from both models; it is skipped when lambda_var is 0.
+    The teacher output is detached. Computed in float32.
+    """
+    B = student_out.shape[0]
+    zeros = student_out.new_zeros(B, dtype=torch.float32)
+    if teacher_out is None or (lambda_eps == 0 and lambda_var == 0):
+        return zeros
+    if teacher_out.shape[0] != B or teacher_out.shape[2:] != student_out.shape[2:]:
+        raise ValueError(f"teacher output {tuple(teacher_out.shape)} and student output {tuple(student_out.shape)} "
+                         f"differ in batch or latent size; the teacher must share the student's latent shape")
+    for who, out in (("student", student_out), ("teacher", teacher_out)):
+        if out.shape[1] < in_channels:
+            raise ValueError(f"{who} output has {out.shape[1]} channels, fewer than in_channels={in_channels}")
+    s = student_out.float()
+    t = teacher_out.detach().float()
+    loss = zeros
+    if lambda_eps:
+        loss = loss + lambda_eps * _mean_flat((t[:, :in_channels] - s[:, :in_channels]) ** 2)
+    if lambda_var:
+        for who, out in (("student", student_out), ("teacher", teacher_out)):
+            if out.shape[1] != 2 * in_channels:
+                raise ValueError(f"the variance term needs a learned-sigma {who} ({2 * in_channels} output "
+                                 f"channels), got {out.shape[1]}; build it with learn_sigma=True or set lambda_var=0")
+        sig_s, sig_t = s[:, in_channels:], t[:, in_channels:]
+        if var_transform is not None:
+            sig_s, sig_t = var_transform(sig_s), var_transform(sig_t)
+        loss = loss + lambda_var * _mean_flat((sig_t - sig_s) ** 2)
+    return loss
+
+
+def _backbone_from_config(config: Mapping) -> tuple[str | None, dict]:
+    """Name and kwargs from a checkpoint's config: ``config["backbone"]`` is a name (kwargs then in
+    ``config["backbone_kwargs"]``) or a dict ``{"name": ..., "kwargs": {...}}`` / ``{"name": ..., **kwargs}``."""
+    spec = config.get("backbone") if isinstance(config, Mapping) else None
+    if isinstance(spec, str):
+        return spec, dict(config.get("backbone_kwargs") or {})
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        kwargs = dict(spec.pop("kwargs", None) or {})
+        kwargs.update(spec)
+        return name, kwargs
+    return None, {}
+
+
+def load_teacher(path: str | os.PathLike, build_kwargs: Mapping | None = None, backbone: str | None = None,
+                 prefer_ema: bool = True, device: torch.device | str = "cpu") -> nn.Module:
+    """A frozen teacher in eval mode from a checkpoint.
+
+    ``path``: our trainer's checkpoint ``{"model", "ema", "config", ...}`` (EMA weights preferred; the backbone
+    name and constructor kwargs come from ``config["backbone"]``) or a bare state_dict such as the official
+    ``DiT-XL-2-256x256.pt`` (then give ``backbone`` and ``build_kwargs``). Explicit ``backbone`` / ``build_kwargs``
+    override the checkpoint's. Loaded with ``weights_only=True`` and strictly.
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"teacher checkpoint {name} not found; pass the path of a trained checkpoint")
+    ckpt = torch.load(name, map_location="cpu", weights_only=True)
+    if isinstance(ckpt.get("model"), Mapping):
+        state = ckpt["ema"] if prefer_ema and isinstance(ckpt.get("ema"), Mapping) else ckpt["model"]
+        cfg_name, cfg_kwargs = _backbone_from_config(ckpt.get("config") or {})
+    else:
+        state, cfg_name, cfg_kwargs = ckpt, None, {}
+    bb_name = backbone or cfg_name
+    if bb_name is None:
+        raise ValueError(f"{name} does not say which backbone it holds (no config['backbone']); pass "
+                         f"backbone=<name> (one of {', '.join(backbones.available())}) and build_kwargs")
+    kwargs = {**cfg_kwargs, **dict(build_kwargs or {})}
+    kwargs.pop("init_from", None)  # the teacher is fully loaded below; never re-initialise from another file
+    model = backbones.build(bb_name, **kwargs)
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    hint = "pass the build_kwargs the teacher was trained with"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"teacher checkpoint {name} does not fit backbone {bb_name!r} built with {kwargs}: "
+                         f"{err}; {hint}") from None
+    if missing or unexpected:
+        raise ValueError(f"teacher checkpoint {name} does not match backbone {bb_name!r} built with {kwargs}: "
+                         f"missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}; {hint}")
+    model.requires_grad_(False).eval().to(device)
+    log.info("teacher %s (%s, %d params) loaded from %s", bb_name, getattr(model, "arch", {}),
+             sum(p.numel() for p in model.parameters()), name)
+    return model
+
+
+@torch.no_grad()
+def teacher_output(teacher: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher's output on the student's noisy input (no graph, eval mode kept)."""
+    if teacher.training:
+        raise RuntimeError("the teacher is in training mode (it would drop labels itself); use load_teacher or "
+                           "call teacher.eval()")
+    return teacher(x_t, t, y)
