@@ -110,3 +110,12 @@ def count_params(model: nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"params": total, "trainable_params": trainable}
+
+
+def build_for_counting(name: str, **kwargs) -> nn.Module:
+    """Build a registered backbone with uninitialised weights (no init cost): counts depend on shapes only."""
+    import backbones
+
+    with torch.device("meta"):
+        model = backbones.build(name, **kwargs)
+    return model.to_empty(device="cpu")

@@ -1,0 +1,110 @@
+"""Drawing class-conditional samples from any backbone with the shared samplers, and saving them."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 with DiT's rounding (clamp(127.5 x + 128))."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def sample_images(model: nn.Module, labels: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
+                  cfg_scale: float = 1.0, seed: int = 0, learn_sigma: bool | None = None,
+                  noise_schedule: str = "linear", diffusion_steps: int = 1000, batch_size: int = 256,
+                  device: torch.device | str | None = None, progress: bool = False,
+                  guided_channels: int | None = None) -> torch.Tensor:
+    """Class-conditional samples in [-1, 1], shape (len(labels), C, H, W).
+
+    CFG (scale > 1) runs the model on a doubled batch with the null class ``num_classes`` (DiT's
+    ``forward_with_cfg``). Deterministic for a given seed (one CPU generator draws all the noise).
+    """
+    from diffusion import create_diffusion
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    learn_sigma = model.learn_sigma if learn_sigma is None else learn_sigma
+    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    diffusion = create_diffusion(respacing, noise_schedule=noise_schedule, learn_sigma=learn_sigma,
+                                 diffusion_steps=diffusion_steps)
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    out = []
+    try:
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size].to(device)
+            n = len(y)
+            z = torch.randn((n, *shape), generator=generator).to(device)
+            sample_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            if cfg_scale > 1.0:
+                z = torch.cat([z, z], 0)
+                y = torch.cat([y, torch.full_like(y, model.num_classes)], 0)
+                fn = model.forward_with_cfg
+                kwargs = dict(y=y, cfg_scale=cfg_scale, guided_channels=guided_channels)
+            else:
+                fn, kwargs = model.forward, dict(y=y)
+            loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+            x = loop(fn, z.shape, noise=z, clip_denoised=False, model_kwargs=kwargs, device=device,
+                     progress=progress, generator=sample_gen)
+            out.append(x[:n].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out, 0)
+
+
+def class_grid_labels(num_classes: int, per_class: int, max_classes: int = 10) -> torch.Tensor:
+    """Labels for a grid with one column per class (at most ``max_classes``) and ``per_class`` rows."""
+    classes = torch.arange(min(num_classes, max_classes))
+    return classes.repeat(per_class)
+
+
+def _atomic_path(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, ncol: int, upscale: int = 1) -> Path:
+    """Save a PNG grid (``ncol`` images per row), written atomically."""
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    if upscale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
+    fd, tmp = _atomic_path(path)
+    os.close(fd)
+    try:
+        save_image(images, tmp, nrow=ncol, normalize=True, value_range=(-1, 1), padding=2, pad_value=1.0,
+                   format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str | os.PathLike) -> Path:
+    """ADM-evaluator layout: ``arr_0`` uint8 (N, H, W, C) plus ``labels``; written atomically."""
+    path = Path(path)
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    fd, tmp = _atomic_path(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, arr_0=arr, labels=labels.numpy())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
