@@ -129,6 +129,10 @@ class LiT(DiT):
         attn = LinearAttention(hidden_size, num_heads, self.x_embedder.grid_size, kernel_size=self._kernel_size)
         return DiTBlock(hidden_size, num_heads, mlp_ratio, attn=attn)
 
+    def inherit_excluded(self, name: str) -> bool:
+        """Trainer hook for generic weight inheritance: attention tensors are never inherited (guideline 4)."""
+        return _is_attention_key(name)
+
     # DiT.initialize_weights already gives the LiT recipe: xavier-uniform q/kv/proj (every nn.Linear), zero
     # biases, and the DWC keeps PyTorch's default conv initialisation.
 
@@ -144,6 +148,8 @@ def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], pre
         state, name = dict(source), "<state_dict>"
     else:
         name = os.fspath(source)
+        if os.path.isdir(name):  # a run directory of diffusion.train
+            name = os.path.join(name, "checkpoints", "last.pt")
         if not os.path.isfile(name):
             raise FileNotFoundError(f"DiT checkpoint {name} not found; pass the path of an official DiT file "
                                     f"(e.g. DiT-XL-2-256x256.pt) or of a checkpoint written by our trainer")
@@ -164,9 +170,9 @@ def inherit_from_dit(lit_model: nn.Module, path_or_state_dict: str | os.PathLike
     """LiT guideline 4: load every parameter of a trained DiT except attention; attention keeps its fresh init.
 
     ``path_or_state_dict``: an official DiT file (a bare state_dict), one of our trainer's checkpoints
-    (``{"model", "ema", ...}``; EMA weights preferred) or a state_dict. Loaded with ``weights_only=True``.
-    Every non-attention tensor of the model must be present with the same shape (same size preset, patch size,
-    input size, classes and learn_sigma), otherwise a ValueError lists the offending keys.
+    (``{"model", "ema", ...}``; EMA weights preferred) or its run directory, or a state_dict. Loaded with
+    ``weights_only=True``. Every non-attention tensor of the model must be present with the same shape (same
+    size preset, patch size, input size, classes and learn_sigma), otherwise a ValueError lists the offending keys.
 
     Returns (and logs) a report: ``loaded`` (keys copied), ``skipped`` (checkpoint keys not used: attention),
     ``fresh`` (model keys left at initialisation: attention), ``loaded_params`` / ``fresh_params`` (counts).

@@ -71,9 +71,12 @@ def hybrid_distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tenso
 
 
 def _backbone_from_config(config: Mapping) -> tuple[str | None, dict]:
-    """Name and kwargs from a checkpoint's config: ``config["backbone"]`` is a name (kwargs then in
-    ``config["backbone_kwargs"]``) or a dict ``{"name": ..., "kwargs": {...}}`` / ``{"name": ..., **kwargs}``."""
-    spec = config.get("backbone") if isinstance(config, Mapping) else None
+    """Name and kwargs from a checkpoint's config: the trainer's ``{"backbone_name", "backbone_kwargs"}``, or
+    ``config["backbone"]`` as a name (kwargs in ``config["backbone_kwargs"]``) or as a dict
+    ``{"name": ..., "kwargs": {...}}`` / ``{"name": ..., **kwargs}``."""
+    if not isinstance(config, Mapping):
+        return None, {}
+    spec = config.get("backbone_name", config.get("backbone"))
     if isinstance(spec, str):
         return spec, dict(config.get("backbone_kwargs") or {})
     if isinstance(spec, Mapping):
@@ -90,11 +93,14 @@ def load_teacher(path: str | os.PathLike, build_kwargs: Mapping | None = None, b
     """A frozen teacher in eval mode from a checkpoint.
 
     ``path``: our trainer's checkpoint ``{"model", "ema", "config", ...}`` (EMA weights preferred; the backbone
-    name and constructor kwargs come from ``config["backbone"]``) or a bare state_dict such as the official
-    ``DiT-XL-2-256x256.pt`` (then give ``backbone`` and ``build_kwargs``). Explicit ``backbone`` / ``build_kwargs``
-    override the checkpoint's. Loaded with ``weights_only=True`` and strictly.
+    name and constructor kwargs come from the config, see :func:`_backbone_from_config`), a run directory (its
+    ``checkpoints/last.pt``) or a bare state_dict such as the official ``DiT-XL-2-256x256.pt`` (then give
+    ``backbone`` and ``build_kwargs``). Explicit ``backbone`` / ``build_kwargs`` override the checkpoint's.
+    Loaded with ``weights_only=True`` and strictly.
     """
     name = os.fspath(path)
+    if os.path.isdir(name):
+        name = os.path.join(name, "checkpoints", "last.pt")
     if not os.path.isfile(name):
         raise FileNotFoundError(f"teacher checkpoint {name} not found; pass the path of a trained checkpoint")
     ckpt = torch.load(name, map_location="cpu", weights_only=True)
@@ -105,7 +111,7 @@ def load_teacher(path: str | os.PathLike, build_kwargs: Mapping | None = None, b
         state, cfg_name, cfg_kwargs = ckpt, None, {}
     bb_name = backbone or cfg_name
     if bb_name is None:
-        raise ValueError(f"{name} does not say which backbone it holds (no config['backbone']); pass "
+        raise ValueError(f"{name} does not say which backbone it holds (no config['backbone_name']); pass "
                          f"backbone=<name> (one of {', '.join(backbones.available())}) and build_kwargs")
     kwargs = {**cfg_kwargs, **dict(build_kwargs or {})}
     kwargs.pop("init_from", None)  # the teacher is fully loaded below; never re-initialise from another file

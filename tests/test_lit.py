@@ -207,6 +207,7 @@ def test_inherit_from_official_style_state_dict(tmp_path):
     src, got, ref = dit.state_dict(), lit.state_dict(), fresh.state_dict()
     for k, v in got.items():
         torch.testing.assert_close(v, ref[k] if _attn_key(k) else src[k], rtol=0, atol=0)
+    assert [k for k in got if lit.inherit_excluded(k)] == [k for k in got if _attn_key(k)]
     rep = lit.init_report
     assert rep["source"] == str(path)
     assert rep["loaded"] == [k for k in got if not _attn_key(k)]
@@ -303,6 +304,12 @@ def test_load_teacher_from_trainer_checkpoint_and_bare_state_dict(tmp_path):
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 2])
     ema.eval()
     torch.testing.assert_close(teacher_output(teacher, x, t, y), ema(x, t, y))
+
+    run_dir = tmp_path / "run"  # a run directory of diffusion.train, with the trainer's config record
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "ema": None,
+                "config": {"backbone_name": "dit", "backbone_kwargs": kwargs}}, run_dir / "checkpoints" / "last.pt")
+    torch.testing.assert_close(load_teacher(run_dir).blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
     bare = tmp_path / "bare.pt"
     torch.save(model.state_dict(), bare)
