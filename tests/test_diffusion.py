@@ -68,6 +68,9 @@ def test_cosine_schedule_clipped_and_decreasing():
     assert d.betas.max() == 0.999 and d.betas[-1] == 0.999  # last raw beta ~1 is clipped
     assert (d.betas > 0).all()
     assert (np.diff(d.alphas_cumprod) < 0).all()
+    cos = get_named_beta_schedule("cosine", 1000)
+    np.testing.assert_array_equal(get_named_beta_schedule("squaredcos_cap_v2", 1000), cos)  # DiT's name
+    np.testing.assert_allclose(d.betas, cos, rtol=1e-12)  # spaced betas are recomputed from alpha_bar
     with pytest.raises(ValueError, match="noise_schedule"):
         get_named_beta_schedule("quadratic", 1000)
 
