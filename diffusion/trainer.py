@@ -325,6 +325,7 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
                 img_per_s = window_images / max(now - window_start, 1e-9)
                 window_start, window_images = now, 0
                 throughputs.append(img_per_s)
+                log_file.flush()
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{img_per_s:.0f}")
             writer.writerow([step] + [f"{metrics[c]:.6g}" for c in LOG_COLUMNS[1:7]] +
                             [f"{img_per_s:.2f}", f"{time.time() - t_start:.1f}"])
