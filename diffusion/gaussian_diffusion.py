@@ -60,14 +60,17 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float
 
 
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
-    """'linear' (DDPM, scaled so any T matches the 1000-step endpoints 1e-4..0.02) or 'cosine' (IDDPM)."""
+    """'linear' (DDPM, scaled so any T matches the 1000-step endpoints 1e-4..0.02) or 'cosine' (IDDPM).
+
+    'squaredcos_cap_v2' (the name DiT's code uses for the cosine schedule) is accepted as an alias of 'cosine'.
+    """
     if int(num_diffusion_timesteps) != num_diffusion_timesteps or num_diffusion_timesteps < 1:
         raise ValueError(f"num_diffusion_timesteps must be a positive integer, got {num_diffusion_timesteps!r}")
     n = int(num_diffusion_timesteps)
     if schedule_name == "linear":
         scale = 1000 / n
         return np.linspace(scale * 1e-4, scale * 0.02, n, dtype=np.float64)
-    if schedule_name == "cosine":
+    if schedule_name in ("cosine", "squaredcos_cap_v2"):
         return betas_for_alpha_bar(n, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown noise_schedule {schedule_name!r}; use 'linear' or 'cosine'")
 

@@ -323,13 +323,56 @@ def test_oracle_sampling_recovers_x0(method, respacing):
 
 def test_ddim_inversion_roundtrip():
     d, base = create_diffusion("ddim20"), create_diffusion()
-    x0 = torch.rand(1, 2, 2, 2, dtype=F64) * 2 - 1
+    g = torch.Generator().manual_seed(6)
+    x0, e = torch.rand(1, 2, 2, 2, generator=g, dtype=F64) * 2 - 1, torch.randn(1, 2, 2, 2, generator=g, dtype=F64)
     model = _oracle(x0, base.alphas_cumprod)
-    x = x0
-    for i in range(d.num_timesteps - 1):  # x_0 -> x_{T'-1}
+    x = d.q_sample(x0, torch.tensor([0]), e)
+    for i in range(d.num_timesteps - 1):  # index 0 -> T'-1 along the deterministic ODE path
         x = d.ddim_reverse_sample(model, x, torch.tensor([i]))["sample"]
-    back = d.ddim_sample_loop(model, x.shape, x, eta=0.0)
-    # inversion stops at index T'-1, so the loop's first step (index T'-1) starts from the right x_t
-    torch.testing.assert_close(back, x0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(x, d.q_sample(x0, torch.tensor([d.num_timesteps - 1]), e), rtol=0, atol=1e-9)
+    torch.testing.assert_close(d.ddim_sample_loop(model, x.shape, x, eta=0.0), x0, rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="eta"):
         d.ddim_reverse_sample(model, x, torch.tensor([0]), eta=0.5)
+
+
+def test_ddim_eta_one_matches_ddpm_variance():
+    """eta = 1: the DDIM noise scale sigma_t^2 equals the DDPM posterior variance beta~_t (Song et al. §4.1)."""
+    d = create_diffusion("ddim25")
+    x, t = torch.randn(3, 2, 2, 2, dtype=F64), torch.tensor([1, 12, 24])
+    step = lambda eta: d.ddim_sample(_toy_model, x, t, eta=eta,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(7))["sample"]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    det = step(0.0)
+    # mean_pred uses sqrt(1 - abar_prev - sigma^2) eps, so compare via the stochastic part plus that shift
+    ab, abp = (torch.as_tensor(a[t.numpy()]).view(-1, 1, 1, 1) for a in (d.alphas_cumprod, d.alphas_cumprod_prev))
+    pv = torch.as_tensor(d.posterior_variance[t.numpy()]).view(-1, 1, 1, 1)
+    eps = (x / ab.sqrt() - d.p_mean_variance(_toy_model, x, t)["pred_xstart"]) / (1 / ab - 1).sqrt()
+    expected = det + ((1 - abp - pv).sqrt() - (1 - abp).sqrt()) * eps + pv.sqrt() * noise
+    torch.testing.assert_close(step(1.0), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_with_dit_backbone_and_cfg():
+    """End to end with a tiny DiT: loss backward, and CFG sampling through the bound forward_with_cfg."""
+    from backbones.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(size="S", input_size=8, patch_size=2, num_classes=10, depth=1, hidden_size=64, num_heads=4)
+    d = create_diffusion()
+    x0, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    out = d.training_losses(model, x0, torch.tensor([0, 500]), model_kwargs={"y": y})
+    out["loss"].mean().backward()
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+    # fresh DiT outputs exactly 0: eps = 0, so mse = mean(noise^2); frac = 1/2
+    noise = (out["x_t"] - d.q_sample(x0, torch.tensor([0, 500]), torch.zeros_like(x0))) \
+        / torch.as_tensor(d.sqrt_one_minus_alphas_cumprod[[0, 500]], dtype=torch.float32).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out["mse"], (noise**2).mean((1, 2, 3)), rtol=1e-4, atol=1e-5)
+
+    sampler = create_diffusion("5")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = {"y": torch.cat([y, torch.full_like(y, 10)]), "cfg_scale": 1.5}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    samples = sampler.p_sample_loop(model.forward_with_cfg, (4, 4, 8, 8), torch.cat([z, z]), model_kwargs=kwargs,
+                                    generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (4, 4, 8, 8) and torch.isfinite(samples).all()
