@@ -25,7 +25,9 @@ hidden 2x width, ``ceil(depth / 2)`` configured blocks (XL: 39 -> 20, built as 2
 presets are ours as well: the paper's DiMR-XL/3R (ImageNet-512, 525M / 206 GFLOPs) and the ImageNet-64 M/3R and
 L/3R configs are unpublished, so ``*/3R`` give the 3-branch structure (Transformer at input/4, ConvNeXt at
 input/2 and input) under the same width/depth rule without claiming those numbers, and their multi-scale loss
-weights [1/16, 1/4, 1] are our extrapolation of the released [1/4, 1].
+weights [1/16, 1/4, 1] are our extrapolation of the released [1/4, 1]. (Consistency only: our XL/3R at 64x64
+latents has 525.03M params and 206.1 GMACs, in line with the paper's 525M / 206 GFLOPs, but its exact
+patchify, widths and depths remain unconfirmed.)
 
 Deviations, all documented: ``learn_sigma=True`` doubles only the highest-resolution head's channels so DiMR can
 train under the shared hybrid loss (official DiMR is ``learn_sigma=False``, epsilon only, fixed variance); the

@@ -141,6 +141,10 @@ def test_small_presets_and_overrides():
     assert [b.grid_size for b in m3.branches] == [16, 32, 64]
     assert [b.block_type for b in m3.branches] == ["transformer", "convnext", "convnext"]
     assert m3.loss_coeffs == (1 / 16, 1 / 4, 1.0)
+    # Our 3R rule at 512 (64x64 latents) lands on the paper's DiMR-XL/3R 525M / 206 GFLOPs; a consistency check
+    # of our extrapolation, not a reproduction of an (unpublished) official config.
+    assert nparams(m3) == 525_027_372
+    assert analytic_gmacs(3, 39, 960, 64) == pytest.approx(206.137, abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------------------
