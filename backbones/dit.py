@@ -63,6 +63,7 @@ class DiT(DiffusionBackbone):
 
     presets = DIT_PRESETS
     sweep_axes = ("size", "patch_size")
+    smoke_kwargs = dict(size="S", depth=2, hidden_size=64, num_heads=4)
 
     def __init__(self, size: str = "XL", patch_size: int = 2, input_size: int = 32, in_channels: int = 4,
                  num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1,

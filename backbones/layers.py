@@ -258,6 +258,9 @@ class DiffusionBackbone(nn.Module):
     learn_sigma: bool
     input_size: int
     arch: dict
+    # Constructor overrides for a tiny instance (a few thousand to ~100k parameters) used by the registry-wide
+    # training smoke tests; every backbone sets it.
+    smoke_kwargs: dict = {}
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guided_channels: int | None = None) -> torch.Tensor:
