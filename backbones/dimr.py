@@ -242,6 +242,7 @@ class DiMR(DiffusionBackbone):
 
     presets = DIMR_PRESETS
     sweep_axes = ("size", "depth", "hidden_size")
+    smoke_kwargs = dict(size="S/2R", depth=3, hidden_size=32, num_heads=2)  # ~55k params on digits
 
     def __init__(self, size: str = "XL/2R", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, depth: int | None = None,
