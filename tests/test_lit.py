@@ -96,6 +96,16 @@ def test_no_token_by_token_intermediate_forward_and_backward():
     assert max(torch.Size(s).numel() for s in rec.shapes) < T * 32 * 3  # O(T D): largest is the kv projection
 
 
+def test_bf16_autocast_keeps_the_token_sums_in_float32():
+    torch.manual_seed(0)
+    m = LinearAttention(64, 2, (16, 16))
+    x = torch.randn(2, 256, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), m(x), rtol=0.05, atol=0.05)
+
+
 def test_wrong_token_count_and_heads_are_clear_errors():
     m = LinearAttention(32, 2, (4, 4))
     with pytest.raises(ValueError, match="4x4 token grid"):
