@@ -6,6 +6,7 @@ state_dicts load unchanged into any backbone built from these pieces.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Sequence
 
@@ -51,12 +52,30 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
+_label_dropout_external = False
+
+
+@contextlib.contextmanager
+def external_label_dropout():
+    """Inside this context backbones do not drop labels themselves: the caller already did (with
+    :func:`drop_labels`), e.g. the trainer when a distillation teacher must see the student's exact labels."""
+    global _label_dropout_external
+    previous, _label_dropout_external = _label_dropout_external, True
+    try:
+        yield
+    finally:
+        _label_dropout_external = previous
+
+
 def drop_labels(labels: torch.Tensor, dropout_prob: float, null_class: int,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free-guidance label dropout: replace labels by ``null_class`` with probability ``dropout_prob``.
 
-    Backbones with several label tables call this once and feed the same dropped labels to every table.
+    Backbones with several label tables call this once and feed the same dropped labels to every table. Inside
+    :func:`external_label_dropout` only ``force_drop_ids`` applies.
     """
+    if force_drop_ids is None and _label_dropout_external:
+        return labels
     if force_drop_ids is None:
         drop_ids = torch.rand(labels.shape[0], device=labels.device) < dropout_prob
     else:

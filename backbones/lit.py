@@ -129,9 +129,10 @@ class LiT(DiT):
         attn = LinearAttention(hidden_size, num_heads, self.x_embedder.grid_size, kernel_size=self._kernel_size)
         return DiTBlock(hidden_size, num_heads, mlp_ratio, attn=attn)
 
-    def inherit_excluded(self, name: str) -> bool:
-        """Trainer hook for generic weight inheritance: attention tensors are never inherited (guideline 4)."""
-        return _is_attention_key(name)
+    def inherit_weights(self, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict:
+        """Trainer hook behind ``init_from=``: strict DiT -> LiT inheritance (see :func:`inherit_from_dit`)."""
+        self.init_report = inherit_from_dit(self, source)
+        return self.init_report
 
     # DiT.initialize_weights already gives the LiT recipe: xavier-uniform q/kv/proj (every nn.Linear), zero
     # biases, and the DWC keeps PyTorch's default conv initialisation.

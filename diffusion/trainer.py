@@ -12,6 +12,7 @@ distillation from a frozen teacher of any backbone. A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import logging
@@ -28,6 +29,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
+from backbones.layers import drop_labels, external_label_dropout
 from diffusion import create_diffusion
 from diffusion.data import ImageDataset, load_dataset
 
@@ -97,7 +99,8 @@ def backbone_kwargs(backbone_cfg: DictConfig | dict, dataset: ImageDataset | Non
     """Constructor keywords of the backbone from its config group (``name`` removed, nulls dropped)."""
     cfg = OmegaConf.to_container(backbone_cfg, resolve=True) if isinstance(backbone_cfg, DictConfig) else dict(
         backbone_cfg)
-    kwargs = {k: v for k, v in cfg.items() if k != "name" and v is not None}
+    # init_from is a training-time action (the trainer's init_from=), not part of the architecture to rebuild
+    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "init_from") and v is not None}
     if dataset is not None:
         kwargs.update(input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes)
     if class_dropout_prob is not None:
@@ -115,20 +118,20 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     return model
 
 
-def inherit_weights(model: nn.Module, source: str | os.PathLike | dict) -> dict:
-    """Weight inheritance: copy every tensor of ``source`` (a checkpoint path or state_dict) whose name and shape
-    match ``model`` and that the backbone does not exclude (``model.inherit_excluded(name)``, e.g. LiT skips
-    DiT's softmax-attention weights). Returns {"loaded": [...], "fresh": [...], "ignored": [...]}.
+def inherit_weights(model: nn.Module, source: str | os.PathLike) -> dict:
+    """Weight inheritance behind ``init_from=``: the backbone's own ``inherit_weights`` when it defines one (LiT:
+    every DiT tensor except attention, strictly), else every tensor of the checkpoint whose name and shape match.
+    Returns a report {"loaded": [...], "fresh": [...], ...}.
     """
-    if not isinstance(source, dict):
-        source = load_checkpoint(source)
-    if isinstance(source.get("model"), dict):  # our checkpoint format; official files are bare state_dicts
-        source = source["ema"] if source.get("ema") is not None else source["model"]
-    excluded = getattr(model, "inherit_excluded", lambda name: False)
+    if hasattr(model, "inherit_weights"):
+        return model.inherit_weights(source)
+    state = load_checkpoint(source)
+    if isinstance(state.get("model"), dict):  # our checkpoint format; official files are bare state_dicts
+        state = state["ema"] if state.get("ema") is not None else state["model"]
     own = model.state_dict()
-    take = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape and not excluded(k)}
+    take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(take, strict=False)
-    return {"loaded": sorted(take), "fresh": sorted(set(own) - set(take)), "ignored": sorted(set(source) - set(take))}
+    return {"loaded": sorted(take), "fresh": sorted(set(own) - set(take)), "ignored": sorted(set(state) - set(take))}
 
 
 @torch.no_grad()
@@ -214,9 +217,10 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
     dataset = load_dataset(cfg.dataset.name, "train", cfg.dataset.get("image_size"), cfg.dataset.get("root"))
     kwargs = backbone_kwargs(cfg.backbone, dataset, tc.class_dropout_prob, cfg.diffusion.learn_sigma)
     model = backbones.build(cfg.backbone.name, **kwargs)
-    if cfg.get("init_from") and resume_ckpt is None:
-        report = inherit_weights(model, cfg.init_from)
-        log.info("init_from %s: loaded %d tensors, kept %d fresh: %s", cfg.init_from, len(report["loaded"]),
+    init_from = cfg.get("init_from") or cfg.backbone.get("init_from")
+    if init_from and resume_ckpt is None:
+        report = inherit_weights(model, init_from)
+        log.info("init_from %s: loaded %d tensors, kept %d fresh: %s", init_from, len(report["loaded"]),
                  len(report["fresh"]), report["fresh"][:12])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -284,7 +288,11 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
             x, y = x.to(device), y.to(device)
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
             noise = torch.randn_like(x)
-            with autocast:
+            label_ctx = contextlib.nullcontext()
+            if teacher is not None:  # drop labels once here so the teacher sees exactly the student's labels
+                y = drop_labels(y, tc.class_dropout_prob, model.num_classes)
+                label_ctx = external_label_dropout()
+            with autocast, label_ctx:
                 terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
                 loss = terms["loss"]
                 aux = model.auxiliary_loss(noise)
@@ -336,6 +344,8 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
             if on_step is not None:
                 on_step(step, metrics)
     bar.close()
+    if not (run_dir / "checkpoints" / "last.pt").exists():  # e.g. train.steps=0: keep the (inherited) init
+        save(step)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "params": n_params,
                                "final_loss": losses[-1] if losses else float("nan"),
