@@ -217,7 +217,6 @@ def test_inherit_from_official_style_state_dict(tmp_path):
     src, got, ref = dit.state_dict(), lit.state_dict(), fresh.state_dict()
     for k, v in got.items():
         torch.testing.assert_close(v, ref[k] if _attn_key(k) else src[k], rtol=0, atol=0)
-    assert [k for k in got if lit.inherit_excluded(k)] == [k for k in got if _attn_key(k)]
     rep = lit.init_report
     assert rep["source"] == str(path)
     assert rep["loaded"] == [k for k in got if not _attn_key(k)]
