@@ -199,6 +199,7 @@ class DiffusionRWKV(DiffusionBackbone):
 
     presets = DRWKV_PRESETS
     sweep_axes = ("size", "patch_size")
+    smoke_kwargs = dict(size="S", depth=3, hidden_size=32)
 
     def __init__(self, size: str = "H", patch_size: int = 2, input_size: int = 32, in_channels: int = 4,
                  num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
