@@ -1,8 +1,8 @@
 """DiCo: Revitalizing ConvNets for Scalable and Efficient Diffusion Modeling (Ai et al., NeurIPS 2025).
 
-Faithful to shallowdream204/DiCo ``dico_models.py`` (commit b596b05): a fully convolutional U-shape over three
-resolution levels with widths C, 2C, 4C (stem 3x3 conv, pixel-unshuffle down / pixel-shuffle up samplers, skip
-fusion by 1x1 convs); decoder level 1 and the head run at 2C and are conditioned on the level-2 vector c2.
+Faithful to shallowdream204/DiCo ``dico_models.py`` (read at commit d3c0a3d): a fully convolutional U-shape
+over three resolution levels with widths C, 2C, 4C (stem 3x3 conv, pixel-unshuffle down / pixel-shuffle up
+samplers, skip fusion by 1x1 convs); decoder level 1 and the head run at 2C, conditioned on the level-2 vector c2.
 DiCoBlock = LayerNorm2d + adaLN-Zero -> 1x1 conv -> 3x3 depthwise conv -> GELU -> compact channel attention
 (GAP -> full CxC 1x1 conv -> sigmoid -> channel-wise product) -> 1x1 conv, gated residual; then a 1x1-GELU-1x1
 feed-forward with its own modulation and gate. No patchify, no positional embedding: any H, W divisible by 4.
@@ -13,9 +13,10 @@ keys, so official checkpoints load unchanged (e.g. with ``backbones.dit.load_off
 
 Memory format: the model keeps its conv weights and activations in channels_last (NHWC; ``channels_last=False``
 turns it off). LayerNorm2d then normalises a contiguous last dimension without permute copies and the 1x1 convs
-are plain GEMMs over pixels. Measured on CPU (1 thread on a loaded 2-core box, DiCo-S, batch 4, 32x32x4, best
-of 6): forward 0.554 s vs 0.655 s NCHW (1.18x), forward+backward 1.79 s vs 2.10 s (1.17x). channels_last is
-also cuDNN's preferred layout for tensor-core convs (not measured here: no GPU).
+are plain GEMMs over pixels. Measured on CPU (torch 2.14, 1 thread on a shared, loaded 2-core box, DiCo-S,
+batch 4, 32x32x4, best of 10, interleaved): forward 0.361 s vs 0.402 s NCHW, forward+backward 1.19 s vs 1.31 s
+(1.1x; medians 1.12-1.16x, an earlier run of 6 gave 1.17-1.18x). channels_last is also cuDNN's preferred
+layout for tensor-core convs (not measured here: no GPU).
 """
 
 from __future__ import annotations
@@ -51,14 +52,12 @@ DICO_PRESETS = {
 DOWNSAMPLING = 4  # two pixel-unshuffle(2) steps: input sides must be divisible by this
 
 
-def _layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor | None = None, scale: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+def _layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Official LayerNorm2d (per-pixel LN over channels, no affine, eps 1e-6), then adaLN modulation
-    x * (1 + scale) + shift broadcast over H, W. Done in NHWC view, which is contiguous for channels_last input."""
+    x * (1 + scale) + shift with (B, C) shift/scale broadcast over H, W. Computed on the NHWC view, which is
+    contiguous for channels_last input (no copies)."""
     h = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=1e-6)
-    if scale is not None:
-        h = h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
-    return h.permute(0, 3, 1, 2)
+    return (h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]).permute(0, 3, 1, 2)
 
 
 def split_depth(total: int, pattern: Sequence[int]) -> tuple[int, ...]:
