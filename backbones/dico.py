@@ -113,7 +113,7 @@ class DiCoBlock(ConvMixer):
         return x + gate2[:, :, None, None] * h
 
 
-class FinalLayer(nn.Module):
+class DiCoFinalLayer(nn.Module):
     """LayerNorm2d + adaLN modulation, then a 3x3 conv to the output channels (official ``out_proj``)."""
 
     def __init__(self, hidden_size: int, out_channels: int):
@@ -210,7 +210,7 @@ class DiCo(DiffusionBackbone):
         # Level-1 skip fusion keeps 2C channels: decoder level 1 and the head run at 2C (official design).
         self.reduce_chan_level1 = nn.Conv2d(2 * C, 2 * C, kernel_size=1, bias=True)
         self.decoder_level_1 = blocks(2 * C, depths[4])
-        self.final_layer = FinalLayer(2 * C, self.out_channels)
+        self.final_layer = DiCoFinalLayer(2 * C, self.out_channels)
         self.initialize_weights()
 
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
