@@ -157,6 +157,7 @@ class DiCo(DiffusionBackbone):
 
     presets = DICO_PRESETS
     sweep_axes = ("size", "depth", "width")
+    smoke_kwargs = dict(size="S", hidden_size=16, depth=5)
 
     def __init__(self, size: str = "XL", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1,
