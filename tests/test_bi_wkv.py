@@ -137,14 +137,21 @@ def test_properties():
     assert rel_err(bi_wkv(w, u, k.flip(1), v.flip(1)).flip(1), bi_wkv(w, u, k, v)) <= 1e-6
 
 
-def test_custom_op_gradients_equal_autograd_of_torch_path():
+def op_route(impl: str):
+    """The custom-op route (taken under tracing and torch.compile): forward without graph, backward recomputes."""
+    return lambda w, u, k, v: torch.ops.kernels.bi_wkv(w, u, k, v, impl)
+
+
+def test_custom_op_route_equals_eager_route():
     w, u, k, v = make_inputs(33, 2, 6)
     gy = torch.randn_like(k)
     xs = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    g_op = torch.autograd.grad(bi_wkv(*xs, impl="torch"), xs, gy)
-    g_direct = torch.autograd.grad(bi_wkv_torch(*xs), xs, gy)
-    for a, b in zip(g_op, g_direct):
+    y_op, y_eager = op_route("torch")(*xs), bi_wkv(*xs, impl="torch")
+    assert torch.equal(y_op, y_eager)
+    for a, b in zip(torch.autograd.grad(y_op, xs, gy), torch.autograd.grad(y_eager, xs, gy)):
         assert torch.equal(a, b)
+    fwd, grads = check_against_reference(op_route("reference"), 9, 2, 3, "normal")
+    assert fwd <= FWD_TOL and max(grads) <= GRAD_TOL  # the reference itself evaluated in fp32 here
 
 
 def test_custom_op_registration():
@@ -199,11 +206,13 @@ _TRITON_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import torch
-from test_bi_wkv import check_against_reference, make_inputs, rel_err
+from test_bi_wkv import check_against_reference, make_inputs, op_route, rel_err
 from backbones.kernels import bi_wkv, bi_wkv_reference
 out = {{}}
 for T, B, C, kind in json.loads(sys.argv[1]):
-    if kind == "bf16":
+    if kind == "op":  # custom-op route: forward kernel, then forward + backward kernels in the op's backward
+        out[f"{{T}}-{{B}}-{{C}}-{{kind}}"] = check_against_reference(op_route("triton"), T, B, C, "normal")
+    elif kind == "bf16":
         w, u, k, v = make_inputs(T, B, C)
         kb, vb = k.bfloat16(), v.bfloat16()
         y = bi_wkv(w, u, kb, vb, impl="triton")
@@ -217,7 +226,7 @@ print("RESULT" + json.dumps(out))
 
 FAST_TRITON_CASES = [(1, 3, 5, "normal"), (2, 2, 33, "normal"), (7, 2, 40, "normal"), (7, 2, 5, "large_k"),
                      (64, 2, 6, "normal"), (64, 1, 8, "large_k"), (257, 1, 8, "normal"), (257, 1, 8, "large_k"),
-                     (64, 1, 8, "bf16")]
+                     (64, 1, 8, "bf16"), (7, 2, 5, "op")]
 SLOW_TRITON_CASES = [(1024, 1, 4, "normal"), (1024, 1, 4, "large_k"), (1024, 2, 40, "normal")]
 
 

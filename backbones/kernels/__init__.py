@@ -22,9 +22,12 @@ FLOPs: the op is the custom operator ``kernels::bi_wkv`` (one node in fvcore's t
 token and channel: the 13 FLOPs per token and channel of Vision-RWKV Eq. 6 (two decayed state updates with 2
 multiply-adds each, the bonus term and the normalisation), at 1 MAC = 2 FLOPs as for the matmuls.
 
-Autograd: the custom op keeps only its inputs; its backward recomputes the chosen implementation with autograd
-enabled and differentiates it (the Triton implementation brings its own backward kernel), i.e. activation
-checkpointing of the op. Double backward is not supported.
+Dispatch: in eager mode :func:`bi_wkv` calls the chosen implementation directly (autograd of the PyTorch ops, or
+the Triton autograd.Function that keeps y and the log-denominators for its backward kernel). Under tracing
+(``torch.jit.trace``, as fvcore does) or ``torch.compile`` it goes through the custom op instead, so the graph holds
+one ``kernels::bi_wkv`` node. The custom op's autograd keeps only its inputs; its backward recomputes the chosen
+implementation with autograd enabled and differentiates it (activation checkpointing of the op). Both routes give
+identical values and gradients. Double backward is not supported by the Triton implementation.
 """
 
 from __future__ import annotations
@@ -119,4 +122,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     """Bidirectional WKV (paper formula, see the module docstring): k, v (B, T, C); w, u (C,); returns (B, T, C)
     in k's dtype (accumulation in fp32, or fp64 for fp64 inputs on the PyTorch paths)."""
     _check(w, u, k, v)
-    return torch.ops.kernels.bi_wkv(w, u, k, v, resolve_impl(impl, k.device))
+    impl = resolve_impl(impl, k.device)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return torch.ops.kernels.bi_wkv(w, u, k, v, impl)
+    return _IMPL_FNS[impl](w, u, k, v)

@@ -85,7 +85,9 @@ def _exclusive_left_sums(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, S: i
     num = carry_num.unsqueeze(2) + F.pad(cnum[:, :, :-1], (0, 0, 1, 0)) * in_w
     den = carry_den.unsqueeze(2) + F.pad(cden[:, :, :-1], (0, 0, 1, 0)) * in_w
     scale = sigma.unsqueeze(2) - (pos - 1) * w
-    num, den, scale = (x.reshape(B, n * S, C)[:, :T] for x in (num, den, scale))
+    num, den, scale = (x.reshape(B, n * S, C) for x in (num, den, scale))
+    if pad:
+        num, den, scale = num[:, :T], den[:, :T], scale[:, :T]
     return num, den, scale
 
 
