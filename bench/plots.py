@@ -35,7 +35,7 @@ X_AXES: list[tuple[str, str, bool]] = [
     ("train_img_per_s", "training throughput (img/s)", False),
 ]
 REQUIRED = ["backbone", "metric_name", "metric_value", "status", "train_steps", "batch"] + [c for c, _, _ in X_AXES]
-TOKEN_TIME_COLUMNS = ("fwd_bwd_ms", "time_ms", "median_ms", "ms")
+TOKEN_TIME_COLUMNS = ("time_ms_median", "fwd_bwd_ms", "time_ms", "median_ms", "ms")  # bench.tokens: the first
 MARKERS = "osD^vP*Xh<>"
 
 plt.rcParams["svg.hashsalt"] = "bench.plots"  # stable SVG ids: re-running gives byte-identical files to commit
@@ -197,12 +197,14 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
     if "status" in df:
         df = df[df["status"].astype(str).str.strip() == "ok"]
     device = str(df["device"].iloc[0]) if "device" in df and len(df) else csv_path.stem
-    panels = [(time_col, "forward + backward time (ms)")]
+    if "device_name" in df and df["device_name"].nunique() == 1:
+        device += f" ({df['device_name'].iloc[0]})"
+    panels = [(time_col, "forward + backward time (ms" + (", median)" if "median" in time_col else ")"))]
     if "peak_mem_mb" in df and df["peak_mem_mb"].notna().any():
         panels.append(("peak_mem_mb", "peak memory (MB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     fits = []
-    extra = ", ".join(f"{c} {_fmt_num(df[c].iloc[0])}" for c in ("width", "batch", "dtype")
+    extra = ", ".join(f"{c} {_fmt_num(df[c].iloc[0])}" for c in ("width", "batch", "dtype", "threads")
                       if c in df and df[c].nunique() == 1)
     for ax, (col, label) in zip(axes[0], panels):
         for i, (mixer, g) in enumerate(sorted(df.groupby("mixer"), key=lambda kv: kv[0])):
@@ -222,7 +224,9 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_title(f"token scaling on {device}: {label}" + (f"\n({extra})" if extra else ""), fontsize=10)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(f"token-mixer scaling on {device}" + (f"\n{extra}" if extra else ""), fontsize=11)
+    fig.tight_layout()
     return _save(fig, out_dir, _slug(f"tokens_{csv_path.stem}")), fits
 
 

@@ -45,7 +45,7 @@ def test_scaling_plots_from_synthetic_csv(tmp_path, capsys):
     _write_runs(tmp_path / "results" / "fashion_mnist" / "runs.csv", rows)
     tokens = tmp_path / "results" / "tokens" / "cpu.csv"
     tokens.parent.mkdir()
-    pd.DataFrame([dict(mixer=m, tokens=t, fwd_bwd_ms=c * t ** k, peak_mem_mb=t / 10, width=384)
+    pd.DataFrame([dict(mixer=m, tokens=t, time_ms_median=c * t ** k, peak_mem_mb=t / 10, width=384)
                   for m, c, k in [("attention", 1e-4, 2.0), ("bi_wkv", 1e-2, 1.0)]
                   for t in (256, 1024, 4096)]).to_csv(tokens, index=False)
 
@@ -67,7 +67,7 @@ def test_scaling_plots_from_synthetic_csv(tmp_path, capsys):
             assert len(r) == 1 and int(r["points"].iloc[0]) == 3  # failed rows ignored
             assert abs(r["exponent"].iloc[0] - k) < 1e-6
     assert set(scaling["x"]) == {"gmacs", "train_compute_gmacs", "params"}  # no fit on throughput
-    tok = fits[(fits["dataset"] == "tokens") & (fits["metric_name"] == "fwd_bwd_ms")].set_index("backbone")
+    tok = fits[(fits["dataset"] == "tokens") & (fits["metric_name"] == "time_ms_median")].set_index("backbone")
     assert abs(tok.loc["attention", "exponent"] - 2.0) < 1e-6 and abs(tok.loc["bi_wkv", "exponent"] - 1.0) < 1e-6
     # Titles carry dataset, metric and budget; the SVG holds the title text.
     svg = (out / "fashion_mnist_16x16_fd_fashion_mnist_classifier_vs_gmacs.svg").read_text()
