@@ -6,7 +6,7 @@ Two metrics with two names, never mixed up:
   by ``torch_fidelity.calculate_metrics`` on uint8 image tensors wrapped in a Dataset (torch-fidelity's
   conditional-generator path is broken with numpy >= 1.24, so samples are generated first). Runs on the CPU unless a
   CUDA device is requested (torch-fidelity itself defaults to CUDA). The Inception weights come from a local file
-  (``inception_weights=``, config ``metrics.inception_weights=``) or torch-fidelity's / pytorch-fid's download cache
+  (``inception_weights=``, sweep config ``eval.inception_weights=``) or torch-fidelity's / pytorch-fid's download cache
   under ``$TORCH_HOME/hub/checkpoints``; nothing is downloaded implicitly. Reference features and statistics are
   cached by torch-fidelity (temp file + rename) under a name made of the content hash of the reference images and
   of the weights file.
@@ -152,6 +152,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
+WEIGHTS_CONFIG_KEY = "eval.inception_weights"  # the sweep's Hydra key (conf/bench.yaml)
 # pytorch-fid's file; torch-fidelity's weights-inception-... holds exactly the same 566 tensors (evaluation.md §1.2).
 INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -175,7 +176,7 @@ def resolve_inception_weights(inception_weights: str | os.PathLike | None = None
     if inception_weights is not None:
         path = Path(inception_weights).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"metrics.inception_weights={path}: no such file. It must be the FID Inception "
+            raise FileNotFoundError(f"{WEIGHTS_CONFIG_KEY}={path}: no such file. It must be the FID Inception "
                                     f"state dict {INCEPTION_WEIGHTS_FILE} (download: {INCEPTION_WEIGHTS_URLS[0]})")
     else:
         cached = [hub / TORCH_FIDELITY_WEIGHTS_FILE, hub / INCEPTION_WEIGHTS_FILE]
@@ -185,9 +186,9 @@ def resolve_inception_weights(inception_weights: str | os.PathLike | None = None
                 f"Inception FID weights not found. Download {INCEPTION_WEIGHTS_FILE} on a machine with internet "
                 f"({INCEPTION_WEIGHTS_URLS[0]}; torch-fidelity's {TORCH_FIDELITY_WEIGHTS_FILE} from "
                 f"{INCEPTION_WEIGHTS_URLS[1]} is the same tensors), then either pass "
-                f"metrics.inception_weights=/path/to/{INCEPTION_WEIGHTS_FILE} or copy it to "
+                f"{WEIGHTS_CONFIG_KEY}=/path/to/{INCEPTION_WEIGHTS_FILE} or copy it to "
                 f"{hub / TORCH_FIDELITY_WEIGHTS_FILE} (torch-fidelity's cache; $TORCH_HOME/hub/checkpoints). "
-                f"Without Inception weights use the classifier metric (fd_<dataset>_classifier).")
+                f"Without Inception weights use eval.metric=classifier (fd_<dataset>_classifier).")
     # torch-fidelity loads the file with weights_only=False; refuse anything that is not a plain state dict first.
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -10,6 +10,7 @@ from scipy import linalg
 from bench.metrics import (
     INCEPTION_WEIGHTS_FILE,
     TORCH_FIDELITY_WEIGHTS_FILE,
+    WEIGHTS_CONFIG_KEY,
     ClassifierMetric,
     InceptionMetric,
     content_hash,
@@ -93,7 +94,7 @@ def test_missing_inception_weights_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         resolve_inception_weights(None)
     msg = str(e.value)
-    assert INCEPTION_WEIGHTS_FILE in msg and "metrics.inception_weights=" in msg
+    assert INCEPTION_WEIGHTS_FILE in msg and f"{WEIGHTS_CONFIG_KEY}=/path/to/" in msg
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / TORCH_FIDELITY_WEIGHTS_FILE) in msg
     with pytest.raises(FileNotFoundError, match=INCEPTION_WEIGHTS_FILE):
         InceptionMetric(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), tmp_path / "cache")
