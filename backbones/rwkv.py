@@ -28,6 +28,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import register, register_token_mixer
 from .kernels import bi_wkv
@@ -59,19 +60,23 @@ DRWKV_PRESETS = {
 
 def q_shift(x: torch.Tensor, grid_h: int, grid_w: int, shift: int = 1, gamma: float = 0.25) -> torch.Tensor:
     """Shift four channel groups of (B, T, C) raster tokens by ``shift`` pixels from the left, right, top and bottom
-    neighbour (zero borders); channels from int(4 C gamma) on are kept."""
+    neighbour (zero borders); channels from int(4 C gamma) on are kept. Same result as the official channels-first
+    version, computed channels-last with split / pad / cat (no transposed copies, no zero-filled slice gradients)."""
     B, T, C = x.shape
     if T != grid_h * grid_w:
         raise ValueError(f"q_shift got {T} tokens for a {grid_h}x{grid_w} grid; build the module for this grid")
-    x = x.transpose(1, 2).reshape(B, C, grid_h, grid_w)
-    out = torch.zeros_like(x)
-    g1, g2, g3, g4 = (int(C * gamma * i) for i in range(1, 5))
-    out[:, 0:g1, :, shift:] = x[:, 0:g1, :, : grid_w - shift]           # takes its left neighbour
-    out[:, g1:g2, :, : grid_w - shift] = x[:, g1:g2, :, shift:]         # right neighbour
-    out[:, g2:g3, shift:, :] = x[:, g2:g3, : grid_h - shift, :]         # neighbour above
-    out[:, g3:g4, : grid_h - shift, :] = x[:, g3:g4, shift:, :]         # neighbour below
-    out[:, g4:] = x[:, g4:]
-    return out.flatten(2).transpose(1, 2)
+    g = [int(C * gamma * i) for i in range(5)]
+    left, right, up, down, rest = x.reshape(B, grid_h, grid_w, C).split(
+        [g[1] - g[0], g[2] - g[1], g[3] - g[2], g[4] - g[3], C - g[4]], dim=-1)
+    s_w, s_h = min(shift, grid_w), min(shift, grid_h)
+    out = torch.cat([
+        F.pad(left[:, :, : grid_w - s_w], (0, 0, s_w, 0)),     # token (h, w) takes its left neighbour (h, w - s)
+        F.pad(right[:, :, s_w:], (0, 0, 0, s_w)),              # right neighbour (h, w + s)
+        F.pad(up[:, : grid_h - s_h], (0, 0, 0, 0, s_h, 0)),    # neighbour above (h - s, w)
+        F.pad(down[:, s_h:], (0, 0, 0, 0, 0, s_h)),            # neighbour below (h + s, w)
+        rest,
+    ], dim=-1)
+    return out.reshape(B, T, C)
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -124,9 +129,10 @@ class SpatialMix(nn.Module):
         T = x.shape[1]
         if self.shift_pixel > 0:
             xx = q_shift(x, *self.grid_size, self.shift_pixel, self.channel_gamma)
-            xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
-            xv = x * self.spatial_mix_v + xx * (1 - self.spatial_mix_v)
-            xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
+            # x * mix + xx * (1 - mix) as one fused lerp
+            xk = torch.lerp(xx, x, self.spatial_mix_k)
+            xv = torch.lerp(xx, x, self.spatial_mix_v)
+            xr = torch.lerp(xx, x, self.spatial_mix_r)
         else:
             xk = xv = xr = x
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
@@ -154,8 +160,8 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift_pixel > 0:
             xx = q_shift(x, *self.grid_size, self.shift_pixel, self.channel_gamma)
-            xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
-            xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
+            xk = torch.lerp(xx, x, self.spatial_mix_k)
+            xr = torch.lerp(xx, x, self.spatial_mix_r)
         else:
             xk = xr = x
         k = torch.square(torch.relu(self.key(xk)))

@@ -145,17 +145,36 @@ def test_structure_and_skip_pairing():
         assert torch.equal(skips[j][..., 32:], outs[2 - j])  # shallow half = in-block output, deep half first
 
 
-def test_q_shift():
+def q_shift_channels_first(x: torch.Tensor, H: int, W: int, s: int, gamma: float) -> torch.Tensor:
+    """The official formulation (models_drwkv.py q_shift): channels-first slice assignments into zeros."""
+    B, N, C = x.shape
+    x = x.transpose(1, 2).reshape(B, C, H, W)
+    out = torch.zeros_like(x)
+    g = [int(C * gamma * i) for i in range(5)]
+    out[:, g[0]:g[1], :, s:W] = x[:, g[0]:g[1], :, 0:W - s]
+    out[:, g[1]:g[2], :, 0:W - s] = x[:, g[1]:g[2], :, s:W]
+    out[:, g[2]:g[3], s:H, :] = x[:, g[2]:g[3], 0:H - s, :]
+    out[:, g[3]:g[4], 0:H - s, :] = x[:, g[3]:g[4], s:H, :]
+    out[:, g[4]:] = x[:, g[4]:]
+    return out.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("H,W,C,shift,gamma", [(4, 4, 8, 1, 0.25), (3, 5, 10, 1, 0.25), (4, 6, 13, 2, 0.2),
+                                               (2, 3, 7, 1, 0.25), (1, 1, 8, 1, 0.25)])
+def test_q_shift_matches_official_formulation(H, W, C, shift, gamma):
+    x = torch.randn(2, H * W, C)
+    assert torch.equal(q_shift(x, H, W, shift, gamma), q_shift_channels_first(x, H, W, shift, gamma))
+
+
+def test_q_shift_neighbours():
     x = torch.arange(2 * 3 * 8, dtype=torch.float32).view(1, 8, 2, 3)  # (B, C, H, W) with C = 8
-    tokens = x.flatten(2).transpose(1, 2)
-    out = q_shift(tokens, 2, 3).transpose(1, 2).reshape(1, 8, 2, 3)
-    z = torch.zeros(1, 2, 1)
-    assert torch.equal(out[:, 0:2], torch.cat([z.unsqueeze(-1).expand(1, 2, 2, 1), x[:, 0:2, :, :2]], dim=3))
-    assert torch.equal(out[:, 2:4], torch.cat([x[:, 2:4, :, 1:], z.unsqueeze(-1).expand(1, 2, 2, 1)], dim=3))
-    assert torch.equal(out[:, 4:6], torch.cat([torch.zeros(1, 2, 1, 3), x[:, 4:6, :1]], dim=2))
-    assert torch.equal(out[:, 6:8], torch.cat([x[:, 6:8, 1:], torch.zeros(1, 2, 1, 3)], dim=2))
+    out = q_shift(x.flatten(2).transpose(1, 2), 2, 3).transpose(1, 2).reshape(1, 8, 2, 3)
+    assert out[0, 0, 1, 2] == x[0, 0, 1, 1] and out[0, 0, 1, 0] == 0      # left neighbour, zero border
+    assert out[0, 2, 1, 0] == x[0, 2, 1, 1] and out[0, 2, 1, 2] == 0      # right neighbour
+    assert out[0, 4, 1, 2] == x[0, 4, 0, 2] and out[0, 4, 0, 2] == 0      # neighbour above
+    assert out[0, 6, 0, 1] == x[0, 6, 1, 1] and out[0, 6, 1, 1] == 0      # neighbour below
     with pytest.raises(ValueError, match="grid"):
-        q_shift(tokens, 3, 3)
+        q_shift(x.flatten(2).transpose(1, 2), 3, 3)
 
 
 def test_fancy_init_matches_official_formulas():

@@ -49,58 +49,76 @@ def default_chunk(T: int, w: torch.Tensor) -> int:
     return s
 
 
-def _exclusive_left_sums(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, S: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every t: sum_{j<t} e^{k_j - (t-1-j) w} {v_j, 1} as (num, den, log_scale), value = mantissa * e^scale.
+def _exclusive_scan(x: torch.Tensor, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exclusive prefix (or suffix) sums along dim 2 of (B, n, S, C), and the totals (B, n, C).
 
-    Weights are written with an absolute index, e^{k_j + j w} * e^{-(t-1) w}, and stabilised per chunk of S tokens
-    by the chunk maximum m_c of a_j = k_j + j w (in-chunk prefix sums by cumsum) and across chunks by the running
-    maximum sigma_c = max_{c'<=c} m_c' (carry as a small lower-triangular (T/S)^2 contraction). Every exponential
-    is of a non-positive number, so nothing overflows for any k. Scales are detached: the value is the same
-    function of (k, v, w) whatever constant they take, so autograd through the mantissas and the w-dependent
-    part of the scale is exact.
+    A loop of S adds over unbind() slices: on CPU this beats torch.cumsum along a middle dimension by ~2.5x at
+    large sizes, needs no shift (pad + slice) to be exclusive, and its backward allocates no zero-filled tensors.
     """
-    B, T, C = k.shape
-    n = -(-T // S)
-    pad = n * S - T
-    if pad:  # padding at the end never enters a left sum of a real token; -inf keys give exactly zero weight
-        k = F.pad(k, (0, 0, 0, pad), value=float("-inf"))
-        v = F.pad(v, (0, 0, 0, pad))
-    pos = torch.arange(n * S, device=k.device, dtype=k.dtype).view(n, S, 1)
-    a = k.view(B, n, S, C) + pos * w                                        # (B, n, S, C)
+    parts = x.unbind(dim=2)
+    order = range(len(parts) - 1, -1, -1) if reverse else range(len(parts))
+    acc = torch.zeros_like(parts[0])
+    out = [None] * len(parts)
+    for i in order:
+        out[i] = acc
+        acc = acc + parts[i]
+    return torch.stack(out, dim=2), acc
+
+
+def _exclusive_sums(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, S: int, right: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every t the strictly-left sum  sum_{j<t} e^{k_j - (t-1-j) w} {v_j, 1}  (or the strictly-right sum
+    sum_{j>t} e^{k_j - (j-t-1) w} {v_j, 1}) as (num, den, log_scale) mantissas: value = mantissa * e^scale.
+
+    k, v: (B, n*S, C), padded at the end with keys -inf (zero weight). Log-weights use the absolute index,
+    a_j = k_j + s j w with s = +1 (left) or -1 (right), so that the value at t is e^{-s (t - s) w} times a sum of
+    e^{a_j}. They are stabilised per chunk of S tokens by the chunk maximum m_c (in-chunk exclusive scans), and
+    across chunks by the running maximum sigma_c over the chunks that feed chunk c (carry as a small triangular
+    (n x n) contraction per channel). Every exponential is of a non-positive number, so nothing overflows for any
+    k. Scales are detached: the value is the same function of (k, v, w) whatever constant they take, so autograd
+    through the mantissas and the w-dependent part of the scale is exact.
+    """
+    B, L, C = k.shape
+    n = L // S
+    sgn = -1.0 if right else 1.0
+    pos = torch.arange(L, device=k.device, dtype=k.dtype).view(n, S, 1)
+    a = k.view(B, n, S, C) + (sgn * pos) * w                                # (B, n, S, C)
     m = a.detach().amax(dim=2)                                              # (B, n, C) chunk maxima
     p = torch.exp(a - m.unsqueeze(2))
-    pv = p * v.view(B, n, S, C)
-    cden, cnum = p.cumsum(dim=2), pv.cumsum(dim=2)
-    sigma = m.cummax(dim=1).values                                          # (B, n, C)
-    with torch.no_grad():  # carry weights e^{m_c' - sigma_c} for c' < c, all <= 1
-        lower = torch.ones(n, n, dtype=torch.bool, device=k.device).tril(-1)[None, :, :, None]
+    ex_den, tot_den = _exclusive_scan(p, right)
+    ex_num, tot_num = _exclusive_scan(p * v.view(B, n, S, C), right)
+    with torch.no_grad():
+        # sigma_c = max of m over the chunks feeding chunk c (earlier ones for left sums, later ones for right)
+        sigma = m.flip(1).cummax(dim=1).values.flip(1) if right else m.cummax(dim=1).values
+        idx = torch.arange(n, device=k.device)
+        feeds = (idx[None, :] > idx[:, None]) if right else (idx[None, :] < idx[:, None])  # [c, c']: c' feeds c
         expo = m[:, None, :, :] - sigma[:, :, None, :]                     # (B, c, c', C)
-        carry_w = torch.exp(torch.where(lower, expo, torch.full_like(expo, float("-inf"))))
+        carry_w = torch.exp(torch.where(feeds[None, :, :, None], expo, torch.full_like(expo, float("-inf"))))
         in_w = torch.exp(m - sigma).unsqueeze(2)                            # (B, n, 1, C), <= 1
     # elementwise product and sum: einsum would become B*C tiny strided matmuls (slow on CPU)
-    carry_num = (carry_w * cnum[:, None, :, -1]).sum(dim=2)
-    carry_den = (carry_w * cden[:, None, :, -1]).sum(dim=2)
-    # exclusive in-chunk prefix by shifting (not cumsum - x, which cancels catastrophically)
-    num = carry_num.unsqueeze(2) + F.pad(cnum[:, :, :-1], (0, 0, 1, 0)) * in_w
-    den = carry_den.unsqueeze(2) + F.pad(cden[:, :, :-1], (0, 0, 1, 0)) * in_w
-    scale = sigma.unsqueeze(2) - (pos - 1) * w
-    num, den, scale = (x.reshape(B, n * S, C) for x in (num, den, scale))
-    if pad:
-        num, den, scale = num[:, :T], den[:, :T], scale[:, :T]
+    carry_num = (carry_w * tot_num[:, None]).sum(dim=2)
+    carry_den = (carry_w * tot_den[:, None]).sum(dim=2)
+    num = (carry_num.unsqueeze(2) + ex_num * in_w).view(B, L, C)
+    den = (carry_den.unsqueeze(2) + ex_den * in_w).view(B, L, C)
+    scale = (sigma.unsqueeze(2) - (sgn * (pos - sgn)) * w).view(B, L, C)
     return num, den, scale
 
 
 def bi_wkv_torch(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  chunk: int | None = None) -> torch.Tensor:
-    """O(T*C) Bi-WKV: left and right exclusive sums (the right one on the flipped sequence) plus the bonus term,
-    combined under one per-(t, c) maximum. fp32 accumulation for half inputs; autograd-differentiable."""
+    """O(T*C) Bi-WKV: strictly-left and strictly-right sums plus the bonus term, combined under one per-(t, c)
+    maximum. fp32 accumulation for half inputs; autograd-differentiable."""
     dt = compute_dtype(w, u, k, v)
     out_dtype = k.dtype
     w, u, k, v = (x.to(dt) for x in (w, u, k, v))
-    S = default_chunk(k.shape[1], w) if chunk is None else chunk
-    ln, ld, ls = _exclusive_left_sums(k, v, w, S)
-    rn, rd, rs = (x.flip(1) for x in _exclusive_left_sums(k.flip(1), v.flip(1), w, S))
+    T = k.shape[1]
+    S = default_chunk(T, w) if chunk is None else chunk
+    pad = -T % S
+    kp, vp = (F.pad(k, (0, 0, 0, pad), value=float("-inf")), F.pad(v, (0, 0, 0, pad))) if pad else (k, v)
+    ln, ld, ls = _exclusive_sums(kp, vp, w, S, right=False)
+    rn, rd, rs = _exclusive_sums(kp, vp, w, S, right=True)
+    if pad:
+        ln, ld, ls, rn, rd, rs = (x[:, :T] for x in (ln, ld, ls, rn, rd, rs))
     bonus = u + k
     with torch.no_grad():
         top = torch.maximum(torch.maximum(ls, rs), bonus)
