@@ -2,6 +2,7 @@
 
     python -m bench.sweep backbone=rwkv                  # rwkv's points of the default grid (conf/sweep/cpu.yaml)
     python -m bench.sweep                                # every registered backbone the grid lists
+    python -m bench.sweep 'backbones=[dit,lit]'          # several backbones in one process
     python -m bench.sweep -m backbone=dit,lit hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 Rows go to ``results/<dataset>/runs.csv`` (schema: bench/schema.py and the README). Rerunning an interrupted
@@ -85,13 +86,15 @@ def upsert_row(csv_path: Path, row: dict) -> None:
 # Grid points
 # ----------------------------------------------------------------------------------------------------------------
 def grid_points(cfg: DictConfig) -> list[tuple[str, dict]]:
-    """(backbone name, backbone overrides) for every point of the grid the ``backbone`` selection keeps."""
+    """(backbone name, backbone overrides) for every point of the grid that ``backbone`` (or ``backbones``) keeps."""
     grid = OmegaConf.to_container(cfg.sweep.points, resolve=True)
-    selection = cfg.backbone
-    if selection in (None, "all"):
+    selection = cfg.get("backbones") or cfg.backbone.name
+    if selection == "all":
         names = [n for n in grid if n in backbones.available()]
-    else:
-        names = [n.strip() for n in str(selection).split(",")]
+    elif isinstance(selection, str):
+        names = [selection]
+    else:  # backbones=[dit,lit]
+        names = [str(n) for n in selection]
     points = []
     for name in names:
         backbones.get(name)  # unknown names fail here with the list of available ones
@@ -122,8 +125,9 @@ def train_config(cfg: DictConfig, bb: dict, run_dir: Path, resume: bool) -> Dict
     return OmegaConf.create({
         "seed": cfg.seed, "device": cfg.device, "threads": cfg.threads, "progress": cfg.progress,
         "run_dir": str(run_dir), "resume": str(run_dir) if resume else None, "init_from": None,
-        "backbone": bb, "dataset": OmegaConf.to_container(cfg.dataset),
-        "diffusion": OmegaConf.to_container(cfg.diffusion), "train": OmegaConf.to_container(cfg.train),
+        "backbone": bb, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
+        "train": OmegaConf.to_container(cfg.train, resolve=True),
         "distill": {"teacher": None}, "sample": {"per_class": 0},
     })
 
@@ -173,7 +177,7 @@ class PeakMemory:
 # One point
 # ----------------------------------------------------------------------------------------------------------------
 def run_point(cfg: DictConfig, name: str, overrides: dict, scorer: Any) -> dict:
-    from diffusion.sampling import sample_images
+    from diffusion.sampling import sample_images, to_uint8
 
     t0 = time.time()
     device = resolve_device(cfg.device)
@@ -212,7 +216,7 @@ def run_point(cfg: DictConfig, name: str, overrides: dict, scorer: Any) -> dict:
                             diffusion_steps=cfg.diffusion.diffusion_steps, batch_size=cfg.eval.batch_size,
                             device=device, progress=False)
     sample_ips = len(labels) / (time.time() - ts)
-    scores = scorer.score(samples, labels)
+    scores = scorer.score(to_uint8(samples), labels)  # scored as saved images: clamped, 8-bit (DiT's protocol)
     from diffusion.sampling import save_grid
 
     save_grid(samples[: 10 * min(model.num_classes, 10)], run_dir / "eval_samples.png",
