@@ -107,6 +107,8 @@ def _check(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if k.dim() != 3 or tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"bi_wkv expects k and v of the same shape (B, T, C); got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}")
+    if k.shape[1] < 1 or k.shape[2] < 1:
+        raise ValueError(f"bi_wkv needs at least one token and one channel; got k of shape {tuple(k.shape)}")
     C = k.shape[-1]
     if tuple(w.shape) != (C,) or tuple(u.shape) != (C,):
         raise ValueError(f"bi_wkv expects w and u of shape (C,) = ({C},) (per-channel decay and bonus, already "
