@@ -79,6 +79,11 @@ def q_shift(x: torch.Tensor, grid_h: int, grid_w: int, shift: int = 1, gamma: fl
     return out.reshape(B, T, C)
 
 
+def mix_shifted(x: torch.Tensor, xx: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """x * mix + xx * (1 - mix), as one fused lerp in the activations' dtype (bf16 under autocast)."""
+    return torch.lerp(xx, x, mix.to(x.dtype))
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch per sample with probability p (survivors scaled 1/(1-p))."""
     if p == 0.0 or not training:
@@ -129,10 +134,7 @@ class SpatialMix(nn.Module):
         T = x.shape[1]
         if self.shift_pixel > 0:
             xx = q_shift(x, *self.grid_size, self.shift_pixel, self.channel_gamma)
-            # x * mix + xx * (1 - mix) as one fused lerp
-            xk = torch.lerp(xx, x, self.spatial_mix_k)
-            xv = torch.lerp(xx, x, self.spatial_mix_v)
-            xr = torch.lerp(xx, x, self.spatial_mix_r)
+            xk, xv, xr = (mix_shifted(x, xx, m) for m in (self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r))
         else:
             xk = xv = xr = x
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
@@ -160,8 +162,7 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift_pixel > 0:
             xx = q_shift(x, *self.grid_size, self.shift_pixel, self.channel_gamma)
-            xk = torch.lerp(xx, x, self.spatial_mix_k)
-            xr = torch.lerp(xx, x, self.spatial_mix_r)
+            xk, xr = mix_shifted(x, xx, self.spatial_mix_k), mix_shifted(x, xx, self.spatial_mix_r)
         else:
             xk = xr = x
         k = torch.square(torch.relu(self.key(xk)))

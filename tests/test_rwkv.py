@@ -220,6 +220,15 @@ def test_gradients_reach_rwkv_parameters():
     assert all(b.att.spatial_first.grad.abs().sum() > 0 for b in m.all_blocks())
 
 
+def test_bf16_autocast():
+    torch.manual_seed(0)
+    m = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([1, 2]))
+    out.float().square().mean().backward()
+    assert torch.isfinite(m.final_layer.linear.weight.grad).all()
+
+
 def test_unconditional_model_ignores_labels():
     torch.manual_seed(0)
     m = tiny(num_classes=0)
