@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import register, register_token_mixer
+from .checkpoint import read_state_dict
 from .layers import (
     Attention,
     DiffusionBackbone,
@@ -117,20 +118,15 @@ class DiT(DiffusionBackbone):
 
 
 def load_official_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool = True) -> dict:
-    """Load an official DiT checkpoint (e.g. ``DiT-XL-2-256x256.pt``, a bare state_dict) or one of our
-    training checkpoints (``{"model", "ema", ...}``) into ``model``, strictly. Returns the loaded state_dict.
+    """Load an official DiT checkpoint (e.g. ``DiT-XL-2-256x256.pt``, a bare state_dict) or one of our training
+    checkpoints / run directories into ``model``, strictly. Returns the loaded state_dict.
 
     Loaded with ``weights_only=True``: no code from the file is executed.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; download DiT weights by hand (no network at "
-                                f"run time) and pass their path")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["ema"] if prefer_ema and state.get("ema") is not None else state["model"]
+    state, name, _ = read_state_dict(path, prefer_ema, what="DiT checkpoint")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match {type(model).__name__}: missing keys "
+        raise RuntimeError(f"checkpoint {name} does not match {type(model).__name__}: missing keys "
                            f"{sorted(missing)[:8]}, unexpected keys {sorted(unexpected)[:8]}; build the model "
                            f"with the config the checkpoint was trained with (size, patch_size, input_size)")
     return state

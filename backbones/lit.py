@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import register, register_token_mixer
+from .checkpoint import read_state_dict
 from .dit import DIT_PRESETS, DiT, DiTBlock
 
 log = logging.getLogger(__name__)
@@ -143,29 +144,6 @@ def _is_attention_key(key: str) -> bool:
     return ".attn." in key or key.startswith("attn.")
 
 
-def _read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], prefer_ema: bool = True
-                     ) -> tuple[dict[str, torch.Tensor], str]:
-    if isinstance(source, Mapping):
-        state, name = dict(source), "<state_dict>"
-    else:
-        name = os.fspath(source)
-        if os.path.isdir(name):  # a run directory of diffusion.train
-            name = os.path.join(name, "checkpoints", "last.pt")
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"DiT checkpoint {name} not found; pass the path of an official DiT file "
-                                    f"(e.g. DiT-XL-2-256x256.pt) or of a checkpoint written by our trainer")
-        state = torch.load(name, map_location="cpu", weights_only=True)
-    if isinstance(state.get("model"), Mapping):  # our trainer: {"model", "ema", "opt", "config", ...}
-        state = state["ema"] if prefer_ema and isinstance(state.get("ema"), Mapping) else state["model"]
-    # Checkpoints saved from a DDP- or torch.compile-wrapped model carry a prefix.
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
-        out[key] = value
-    return out, name
-
-
 def inherit_from_dit(lit_model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
                      prefer_ema: bool = True) -> dict:
     """LiT guideline 4: load every parameter of a trained DiT except attention; attention keeps its fresh init.
@@ -178,7 +156,7 @@ def inherit_from_dit(lit_model: nn.Module, path_or_state_dict: str | os.PathLike
     Returns (and logs) a report: ``loaded`` (keys copied), ``skipped`` (checkpoint keys not used: attention),
     ``fresh`` (model keys left at initialisation: attention), ``loaded_params`` / ``fresh_params`` (counts).
     """
-    source, name = _read_state_dict(path_or_state_dict, prefer_ema)
+    source, name, _ = read_state_dict(path_or_state_dict, prefer_ema, what="DiT checkpoint")
     target = lit_model.state_dict()
     wanted = [k for k in target if not _is_attention_key(k)]
     missing = [k for k in wanted if k not in source]

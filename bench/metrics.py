@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
+
+from backbones.checkpoint import atomic_torch_save
 
 # --------------------------------------------------------------------------------------------------------------
 # Frechet distance
@@ -129,22 +130,6 @@ def to_uint8(images: Any, what: str = "images") -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the target directory, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -403,7 +388,7 @@ class ClassifierMetric:
             self.test_accuracy = float(ckpt["test_accuracy"])
         else:
             self.test_accuracy = self._accuracy(test_x, test_y)
-            _atomic_torch_save(dict(state_dict=self.model.state_dict(), test_accuracy=self.test_accuracy,
+            atomic_torch_save(dict(state_dict=self.model.state_dict(), test_accuracy=self.test_accuracy,
                                     dataset=dataset_name, image_shape=list(self.image_shape),
                                     num_classes=self.num_classes, recipe=repr(sorted(self.recipe.items())),
                                     train_size=len(train_x)), self.classifier_path)
@@ -417,7 +402,7 @@ class ClassifierMetric:
             self.ref_mu, self.ref_sigma = st["mu"].numpy(), st["sigma"].numpy()
         else:
             self.ref_mu, self.ref_sigma = feature_statistics(self.features(ref_x))
-            _atomic_torch_save(dict(mu=torch.from_numpy(self.ref_mu), sigma=torch.from_numpy(self.ref_sigma),
+            atomic_torch_save(dict(mu=torch.from_numpy(self.ref_mu), sigma=torch.from_numpy(self.ref_sigma),
                                     num=len(ref_x)), ref_path)
         self.num_reference = len(ref_x)
 

@@ -14,7 +14,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from backbones.checkpoint import atomic_write  # noqa: E402
 from bench.schema import RUN_COLUMNS  # noqa: E402
 
 # (column, axis label, fit a power law)
@@ -86,15 +86,8 @@ def _protocol_label(df: pd.DataFrame) -> str:
 
 def _atomic_savefig(fig: plt.Figure, path: Path) -> None:
     fmt = path.suffix.lstrip(".")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else {})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=150, bbox_inches="tight",
+                                             metadata={"Date": None} if fmt == "svg" else {}))
 
 
 def _save(fig: plt.Figure, out_dir: Path, stem: str) -> list[Path]:
@@ -232,15 +225,8 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
 
 def _write_fits(fits: list[dict[str, Any]], path: Path) -> None:
     cols = ["dataset", "image_size", "device", "metric_name", "x", "backbone", "exponent", "coefficient", "points"]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pd.DataFrame(fits, columns=cols).to_csv(tmp, index=False, float_format="%.10g")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: pd.DataFrame(fits, columns=cols).to_csv(f, index=False, float_format="%.10g"),
+                 binary=False)
 
 
 def make_plots(results_dir: str | os.PathLike = "results", out_dir: str | os.PathLike | None = None

@@ -31,10 +31,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
+from backbones.checkpoint import atomic_write_text
 from bench.flops import CONVENTION, count_params, forward_gmacs
 from bench.schema import RUN_COLUMNS
 from diffusion.trainer import (
-    atomic_write_text,
     build_from_checkpoint,
     git_commit,
     load_checkpoint,

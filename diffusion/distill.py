@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 import backbones
+from backbones.checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +99,8 @@ def load_teacher(path: str | os.PathLike, build_kwargs: Mapping | None = None, b
     ``backbone`` and ``build_kwargs``). Explicit ``backbone`` / ``build_kwargs`` override the checkpoint's.
     Loaded with ``weights_only=True`` and strictly.
     """
-    name = os.fspath(path)
-    if os.path.isdir(name):
-        name = os.path.join(name, "checkpoints", "last.pt")
-    if not os.path.isfile(name):
-        raise FileNotFoundError(f"teacher checkpoint {name} not found; pass the path of a trained checkpoint")
-    ckpt = torch.load(name, map_location="cpu", weights_only=True)
-    if isinstance(ckpt.get("model"), Mapping):
-        state = ckpt["ema"] if prefer_ema and isinstance(ckpt.get("ema"), Mapping) else ckpt["model"]
-        cfg_name, cfg_kwargs = _backbone_from_config(ckpt.get("config") or {})
-    else:
-        state, cfg_name, cfg_kwargs = ckpt, None, {}
+    state, name, config = read_state_dict(path, prefer_ema, what="teacher checkpoint")
+    cfg_name, cfg_kwargs = _backbone_from_config(config)
     bb_name = backbone or cfg_name
     if bb_name is None:
         raise ValueError(f"{name} does not say which backbone it holds (no config['backbone_name']); pass "
@@ -116,7 +108,6 @@ def load_teacher(path: str | os.PathLike, build_kwargs: Mapping | None = None, b
     kwargs = {**cfg_kwargs, **dict(build_kwargs or {})}
     kwargs.pop("init_from", None)  # the teacher is fully loaded below; never re-initialise from another file
     model = backbones.build(bb_name, **kwargs)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     hint = "pass the build_kwargs the teacher was trained with"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

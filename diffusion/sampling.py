@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from backbones.checkpoint import atomic_write
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -71,40 +72,17 @@ def class_grid_labels(num_classes: int, per_class: int, max_classes: int = 10) -
     return classes.repeat(per_class)
 
 
-def _atomic_path(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-
-
 def save_grid(images: torch.Tensor, path: str | os.PathLike, ncol: int, upscale: int = 1) -> Path:
     """Save a PNG grid (``ncol`` images per row), written atomically."""
     from torchvision.utils import save_image
 
-    path = Path(path)
     if upscale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
-    fd, tmp = _atomic_path(path)
-    os.close(fd)
-    try:
-        save_image(images, tmp, nrow=ncol, normalize=True, value_range=(-1, 1), padding=2, pad_value=1.0,
-                   format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda f: save_image(images, f, nrow=ncol, normalize=True, value_range=(-1, 1),
+                                                   padding=2, pad_value=1.0, format="png"))
 
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str | os.PathLike) -> Path:
     """ADM-evaluator layout: ``arr_0`` uint8 (N, H, W, C) plus ``labels``; written atomically."""
-    path = Path(path)
     arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
-    fd, tmp = _atomic_path(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, arr_0=arr, labels=labels.numpy())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda f: np.savez(f, arr_0=arr, labels=labels.numpy()))

@@ -18,7 +18,6 @@ import csv
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
+from backbones.checkpoint import atomic_torch_save, atomic_write_text, load_file, read_state_dict
 from backbones.layers import drop_labels, external_label_dropout
 from diffusion import create_diffusion
 from diffusion.data import ImageDataset, load_dataset
@@ -51,47 +51,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load one of our checkpoints safely (weights_only: no code from the file runs)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass a run directory or a .pt file written by "
-                                f"diffusion.train")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torn or foreign file
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+    """One of our checkpoints {model, ema, opt, step, rng, config} (a .pt file or a run directory), weights only."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or "step" not in ckpt or "config" not in ckpt:
+        raise RuntimeError(f"{path} is not a checkpoint written by diffusion.train (no step/config); official "
+                           f"weights load with backbones.dit.load_official_checkpoint or init_from=")
+    return ckpt
 
 
 def backbone_kwargs(backbone_cfg: DictConfig | dict, dataset: ImageDataset | None = None,
@@ -125,9 +91,7 @@ def inherit_weights(model: nn.Module, source: str | os.PathLike) -> dict:
     """
     if hasattr(model, "inherit_weights"):
         return model.inherit_weights(source)
-    state = load_checkpoint(source)
-    if isinstance(state.get("model"), dict):  # our checkpoint format; official files are bare state_dicts
-        state = state["ema"] if state.get("ema") is not None else state["model"]
+    state, _, _ = read_state_dict(source)
     own = model.state_dict()
     take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(take, strict=False)
@@ -196,7 +160,7 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
 
     ``on_step(step, metrics)`` is called after every optimisation step (progress hooks, tests).
     """
-    from diffusion.sampling import class_grid_labels, save_grid, save_npz, sample_images
+    from diffusion.sampling import class_grid_labels, sample_images, save_grid, save_npz
 
     t_start = time.time()
     device = resolve_device(cfg.device)
