@@ -37,3 +37,16 @@ def test_backbone_trains_at_32x32(name, tmp_path):
                                  tiny(name)))
     assert summary["steps"] == 2
     assert build_from_checkpoint(load_checkpoint(tmp_path)).input_size == 32
+
+
+def test_dimr_official_fixed_variance_form_with_multiscale_loss(tmp_path):
+    """learn_sigma=false (official DiMR): loss = mse + multi-scale auxiliary loss, no vb term."""
+    import csv
+
+    train(train_config(tmp_path, ["diffusion.learn_sigma=false", "train.steps=2"], tiny("dimr")))
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        assert float(r["vb"]) == 0 and float(r["aux"]) > 0
+        assert float(r["loss"]) == pytest.approx(float(r["mse"]) + float(r["aux"]), rel=1e-4)
+    assert build_from_checkpoint(load_checkpoint(tmp_path)).out_channels == 1
