@@ -163,6 +163,14 @@ def run_mixer(name: str, factory, args, device: torch.device, tag: tuple[str, st
               "time_ms_max": 1e3 * max(times), "peak_mem_mb": mem, "mem_method": method, "status": "ok"})
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Atomically move a finished temp file into place with normal permissions (mkstemp creates it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_csv_atomic(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -171,7 +179,7 @@ def write_csv_atomic(rows: list[dict], path: Path) -> None:
         writer.writeheader()
         for r in rows:
             writer.writerow({c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in COLUMNS})
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def plot(rows: list[dict], stem: Path, title: str) -> list[Path]:
@@ -210,7 +218,7 @@ def plot(rows: list[dict], stem: Path, title: str) -> list[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp." + ext)
         os.close(fd)
         fig.savefig(tmp, dpi=130)
-        os.replace(tmp, path)
+        _publish(tmp, path)
         paths.append(path)
     plt.close(fig)
     return paths
