@@ -141,8 +141,8 @@ def run_mixer(name: str, factory, args, device: torch.device, tag: tuple[str, st
         if predicted is not None:  # warm-up + repeats + memory step must fit in what is left of the budget
             repeats = min(args.repeats, int(left / predicted) - args.warmup - 1)
             if repeats < 1:
-                emit({**row, "status": f"skipped: predicted {predicted:.1f} s per step, {left:.0f} s of the "
-                                       f"{args.budget:.0f} s budget left"})
+                emit({**row, "status": f"skipped: predicted {predicted:.1f} s per step, {max(left, 0):.1f} s of the "
+                                       f"{args.budget:g} s budget left"})
                 continue
         try:
             point = Point(factory, tokens, args.width, args.batch, device)
