@@ -65,6 +65,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp creates 0600; give the file the permissions a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

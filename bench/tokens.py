@@ -26,17 +26,16 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from backbones import token_mixers
+from backbones.checkpoint import atomic_write
 
 COLUMNS = ["device", "device_name", "mixer", "tokens", "grid_h", "grid_w", "width", "batch", "warmup", "repeats",
            "time_ms_median", "time_ms_min", "time_ms_max", "peak_mem_mb", "mem_method", "status", "threads",
@@ -163,65 +162,14 @@ def run_mixer(name: str, factory, args, device: torch.device, tag: tuple[str, st
               "time_ms_max": 1e3 * max(times), "peak_mem_mb": mem, "mem_method": method, "status": "ok"})
 
 
-def _publish(tmp: str, path: Path) -> None:
-    """Atomically move a finished temp file into place with normal permissions (mkstemp creates it 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_csv_atomic(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         for r in rows:
             writer.writerow({c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in COLUMNS})
-    _publish(tmp, path)
 
-
-def plot(rows: list[dict], stem: Path, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for mixer in sorted({r["mixer"] for r in rows}):
-        ok = sorted((r for r in rows if r["mixer"] == mixer and r["status"] == "ok"), key=lambda r: r["tokens"])
-        if not ok:
-            continue
-        ts = [r["tokens"] for r in ok]
-        ax_t.plot(ts, [r["time_ms_median"] for r in ok], "o-", label=mixer)
-        ax_m.plot(ts, [r["peak_mem_mb"] for r in ok], "o-", label=mixer)
-    for ax, ylabel in ((ax_t, "forward+backward time (ms, median)"), (ax_m, "peak extra memory (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens T")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    # slope guides through the first point of the time panel
-    xs = sorted({r["tokens"] for r in rows})
-    ok_times = [r["time_ms_median"] for r in rows if r["status"] == "ok" and r["tokens"] == xs[0]]
-    if ok_times and len(xs) > 1:
-        y0 = min(ok_times)
-        for power, style in ((1, ":"), (2, "--")):
-            ax_t.plot(xs, [y0 * (x / xs[0]) ** power for x in xs], "k" + style, lw=0.8, alpha=0.5, label=f"∝ T^{power}")
-    ax_t.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    paths = []
-    for ext in ("png", "svg"):
-        path = stem.with_suffix("." + ext)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp." + ext)
-        os.close(fd)
-        fig.savefig(tmp, dpi=130)
-        _publish(tmp, path)
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    atomic_write(path, write, binary=False)
 
 
 def summarize(rows: list[dict]) -> list[str]:
@@ -253,7 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget", type=float, default=1200.0, help="seconds per mixer over all token counts")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("results/tokens"))
+    p.add_argument("--out", type=Path, default=Path("results/tokens"), help="CSV folder")
+    p.add_argument("--plots-out", type=Path, default=Path("results/plots"), help="plot folder (bench.plots)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.width < 1 or min(args.tokens) < 1:
         p.error("--repeats, --batch, --width and every --tokens value must be >= 1, --warmup >= 0")
@@ -282,8 +231,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"device {tag[1]} ({tag[0]}), threads {torch.get_num_threads()}, width {args.width}, batch {args.batch}")
     for name in names:
         run_mixer(name, available[name], args, device, tag, emit)
-    figs = plot(rows, args.out / tag[0], f"token mixers, width {args.width}, batch {args.batch}, {tag[1]}, "
-                                         f"{torch.get_num_threads()} threads")
+    from bench.plots import plot_tokens
+
+    figs, _ = plot_tokens(csv_path, args.plots_out)
     print("\n".join(summarize(rows)))
     print(f"wrote {csv_path}, {', '.join(map(str, figs))}")
     return rows
