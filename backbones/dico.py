@@ -180,11 +180,7 @@ class DiCo(DiffusionBackbone):
         if len(depths) != 5 or min(depths) < 0:
             raise ValueError(f"DiCo depth must be a total block count or five per-level depths [enc1, enc2, middle, "
                              f"dec2, dec1], got {cfg['depth']}")
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.input_size = input_size
+        self.set_data_shape(input_size, in_channels, num_classes, learn_sigma)
         self.class_dropout_prob = class_dropout_prob
         self.depths = depths
         self.arch = dict(size=size, patch=None, depth=sum(depths), width=C, depths=list(depths),

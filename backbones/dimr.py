@@ -262,11 +262,7 @@ class DiMR(DiffusionBackbone):
         if len(self.loss_coeffs) != R or self.loss_coeffs[-1] != 1:
             raise ValueError(f"loss_coeffs must give one weight per branch ({R}), lowest resolution first, ending in "
                              f"1 (the trainer's main loss trains the highest branch); got {list(self.loss_coeffs)}")
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.input_size = input_size
+        self.set_data_shape(input_size, in_channels, num_classes, learn_sigma)
         self.num_branches = R
 
         branches, lowres_dim = [], None

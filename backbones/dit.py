@@ -73,11 +73,7 @@ class DiT(DiffusionBackbone):
         super().__init__()
         cfg = resolve_preset(self.presets, size,
                              dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads))
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.input_size = input_size
+        self.set_data_shape(input_size, in_channels, num_classes, learn_sigma)
         self.patch_size = patch_size
         self.num_heads = cfg["num_heads"]
         hidden = cfg["hidden_size"]

@@ -281,6 +281,14 @@ class DiffusionBackbone(nn.Module):
     # training smoke tests; every backbone sets it.
     smoke_kwargs: dict = {}
 
+    def set_data_shape(self, input_size: int, in_channels: int, num_classes: int, learn_sigma: bool) -> None:
+        """Record the data interface; ``out_channels`` doubles with a learned variance (epsilon + v)."""
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guided_channels: int | None = None) -> torch.Tensor:
         """Classifier-free guidance on a 2B batch whose second half carries the null label ``num_classes``.

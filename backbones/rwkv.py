@@ -222,11 +222,7 @@ class DiffusionRWKV(DiffusionBackbone):
         if depth < 1 or depth % 2 == 0:
             raise ValueError(f"Diffusion-RWKV needs an odd depth (depth//2 in-blocks, one mid block, depth//2 "
                              f"out-blocks), got {depth}")
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.input_size = input_size
+        self.set_data_shape(input_size, in_channels, num_classes, learn_sigma)
         self.patch_size = patch_size
         self.arch = dict(size=size, patch=patch_size, depth=depth, width=hidden, heads=None)
 
