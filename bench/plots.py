@@ -45,11 +45,16 @@ class PlotError(RuntimeError):
     """Missing or malformed results; the message names the file and the fix."""
 
 
-def fit_power_law(x: Any, y: Any) -> tuple[float, float]:
-    """Least-squares fit of y = c * x^k in log-log space; returns (k, c)."""
+MIN_FIT_SPAN = 1.2  # a power law needs x to span at least this factor (near-equal x gives a meaningless slope)
+
+
+def fit_power_law(x: Any, y: Any) -> tuple[float, float] | None:
+    """Least-squares fit of y = c * x^k in log-log space; (k, c), or None when x spans less than MIN_FIT_SPAN."""
     lx, ly = np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64))
+    if lx.max() - lx.min() < math.log(MIN_FIT_SPAN):
+        return None
     k, logc = np.polyfit(lx, ly, 1)
-    return float(k), float(math.exp(logc))
+    return float(k), float(np.exp(logc))
 
 
 def _fmt_num(v: Any) -> str:
@@ -135,13 +140,14 @@ def plot_scaling(df: pd.DataFrame, x_col: str, x_label: str, fit: bool, title_he
         g = g.sort_values(x_col)
         color, marker = colors[backbone], MARKERS[sorted(colors).index(backbone) % len(MARKERS)]
         label = backbone
-        if fit and g[x_col].nunique() >= 2:
-            k, c = fit_power_law(g[x_col], g["metric_value"])
+        power_law = fit_power_law(g[x_col], g["metric_value"]) if fit and g[x_col].nunique() >= 2 else None
+        if power_law is not None:
+            k, c = power_law
             xs = np.geomspace(g[x_col].min(), g[x_col].max(), 50)
             ax.plot(xs, c * xs ** k, "--", color=color, lw=1.2, alpha=0.8)
             label = f"{backbone} (fit: ∝ x^{k:.3f})"
             fits.append(dict(x=x_col, backbone=backbone, exponent=k, coefficient=c, points=len(g)))
-        elif not fit:
+        else:  # no fit (throughput axis, or x too narrow for one): connect the points
             ax.plot(g[x_col], g["metric_value"], "-", color=color, lw=0.8, alpha=0.5)
         ax.scatter(g[x_col], g["metric_value"], color=color, marker=marker, s=36, label=label, zorder=3)
         for _, row in g.iterrows():
@@ -205,8 +211,9 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
             if g.empty:
                 continue
             name = str(mixer)
-            if g["tokens"].nunique() >= 2:
-                k, _ = fit_power_law(g["tokens"], g[col])
+            power_law = fit_power_law(g["tokens"], g[col]) if g["tokens"].nunique() >= 2 else None
+            if power_law is not None:
+                k = power_law[0]
                 name += f" (∝ T^{k:.2f})"
                 fits.append(dict(dataset="tokens", device=device, metric_name=col, x="tokens", backbone=mixer,
                                  exponent=k, points=len(g)))

@@ -193,12 +193,15 @@ def run_point(cfg: DictConfig, name: str, overrides: dict, scorer: Any) -> dict:
     }
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     done_steps = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0
-    with PeakMemory(device) as mem:
-        if done_steps < cfg.train.steps:
+    peak_file = run_dir / "train_peak_mem_mb.txt"
+    if done_steps < cfg.train.steps:
+        with PeakMemory(device) as mem:
             summary = train(train_config(cfg, bb, run_dir, resume=done_steps > 0))
-            train_ips = summary["train_img_per_s"]
-        else:  # trained before an interruption during evaluation: keep its measured throughput
-            train_ips = _logged_throughput(run_dir)
+        train_ips, peak_mb = summary["train_img_per_s"], mem.peak_mb
+        atomic_write_text(peak_file, f"{peak_mb}\n")
+    else:  # trained before an interruption during evaluation: keep what its training measured
+        train_ips = _logged_throughput(run_dir)
+        peak_mb = float(peak_file.read_text()) if peak_file.exists() else float("nan")
     ckpt = load_checkpoint(ckpt_path)
     model = build_from_checkpoint(ckpt, use_ema=True).to(device)
     arch = model.arch
@@ -214,7 +217,7 @@ def run_point(cfg: DictConfig, name: str, overrides: dict, scorer: Any) -> dict:
                             cfg_scale=cfg.eval.cfg_scale, seed=cfg.eval.seed,
                             noise_schedule=cfg.diffusion.noise_schedule,
                             diffusion_steps=cfg.diffusion.diffusion_steps, batch_size=cfg.eval.batch_size,
-                            device=device, progress=False)
+                            device=device, progress=False, clip_denoised=cfg.eval.clip_denoised)
     sample_ips = len(labels) / (time.time() - ts)
     scores = scorer.score(to_uint8(samples), labels)  # scored as saved images: clamped, 8-bit (DiT's protocol)
     from diffusion.sampling import save_grid
@@ -223,7 +226,7 @@ def run_point(cfg: DictConfig, name: str, overrides: dict, scorer: Any) -> dict:
               ncol=min(model.num_classes, 10))
     row.update(metric_name=scores["metric_name"], metric_value=scores["metric_value"],
                classifier_accuracy=scores.get("classifier_accuracy", ""), train_img_per_s=train_ips,
-               sample_img_per_s=sample_ips, peak_mem_mb=mem.peak_mb, wall_time_s=time.time() - t0, status="ok",
+               sample_img_per_s=sample_ips, peak_mem_mb=peak_mb, wall_time_s=time.time() - t0, status="ok",
                error="")
     return row
 

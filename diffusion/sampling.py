@@ -24,11 +24,13 @@ def sample_images(model: nn.Module, labels: torch.Tensor, *, sampler: str = "ddp
                   cfg_scale: float = 1.0, seed: int = 0, learn_sigma: bool | None = None,
                   noise_schedule: str = "linear", diffusion_steps: int = 1000, batch_size: int = 256,
                   device: torch.device | str | None = None, progress: bool = False,
-                  guided_channels: int | None = None) -> torch.Tensor:
+                  guided_channels: int | None = None, clip_denoised: bool = True) -> torch.Tensor:
     """Class-conditional samples in [-1, 1], shape (len(labels), C, H, W).
 
     CFG (scale > 1) runs the model on a doubled batch with the null class ``num_classes`` (DiT's
     ``forward_with_cfg``). Deterministic for a given seed (one CPU generator draws all the noise).
+    ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step: right for pixel-space data in [-1, 1] (ADM's
+    default; without it DDIM can diverge for weak models), wrong for unbounded VAE latents (DiT passes False).
     """
     from diffusion import create_diffusion
 
@@ -58,7 +60,7 @@ def sample_images(model: nn.Module, labels: torch.Tensor, *, sampler: str = "ddp
             else:
                 fn, kwargs = model.forward, dict(y=y)
             loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-            x = loop(fn, z.shape, noise=z, clip_denoised=False, model_kwargs=kwargs, device=device,
+            x = loop(fn, z.shape, noise=z, clip_denoised=clip_denoised, model_kwargs=kwargs, device=device,
                      progress=progress, generator=sample_gen)
             out.append(x[:n].float().cpu())
     finally:

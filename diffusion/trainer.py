@@ -322,7 +322,7 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
         images = sample_images(sampled, labels, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale,
                                seed=sc.seed, noise_schedule=cfg.diffusion.noise_schedule,
                                diffusion_steps=cfg.diffusion.diffusion_steps, device=device,
-                               progress=cfg.get("progress", True))
+                               progress=cfg.get("progress", True), clip_denoised=sc.get("clip_denoised", True))
         save_grid(images, run_dir / "samples.png", ncol=min(dataset.num_classes, 10), upscale=sc.get("upscale", 1))
         save_npz(images, labels, run_dir / "samples.npz")
         summary["samples"] = str(run_dir / "samples.png")

@@ -83,6 +83,7 @@ def test_labels_and_budget():
     df = pd.DataFrame(dict(train_steps=[100, 400], batch=[64, 64]))
     assert plots.budget_label(df) == "100-400 steps x 64"
     assert plots.budget_label(df.iloc[:1]) == "100 steps x 64"
+    assert plots.fit_power_law([1.0e6, 1.001e6], [3.0, 2.0]) is None  # x too narrow for a meaningful slope
     k, c = plots.fit_power_law([1, 10, 100], [3, 0.3, 0.03])
     assert k == pytest.approx(-1.0) and c == pytest.approx(3.0)
 
