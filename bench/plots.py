@@ -62,11 +62,15 @@ def _fmt_num(v: Any) -> str:
 
 
 def point_label(row: pd.Series) -> str:
-    """"S/2" for a preset with a patch size, "S" where the backbone has no patch (DiCo), "d4-w128" for a grid."""
-    size, patch = row.get("size"), row.get("patch")
+    """"S/2 d4-w128": preset, patch size where the backbone has one (not DiCo), then depth and width, since sweeps
+    override the presets' depth and width."""
     has = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v)) and str(v) != ""  # noqa: E731
-    label = str(size) if has(size) else f"d{_fmt_num(row.get('depth'))}-w{_fmt_num(row.get('width'))}"
-    return f"{label}/{_fmt_num(patch)}" if has(patch) else label
+    parts = []
+    if has(row.get("size")):
+        parts.append(str(row.get("size")) + (f"/{_fmt_num(row.get('patch'))}" if has(row.get("patch")) else ""))
+    if has(row.get("depth")) and has(row.get("width")):
+        parts.append(f"d{_fmt_num(row.get('depth'))}-w{_fmt_num(row.get('width'))}")
+    return " ".join(parts)
 
 
 def budget_label(df: pd.DataFrame) -> str:

@@ -78,6 +78,7 @@ def test_scaling_plots_from_synthetic_csv(tmp_path, capsys):
 
 def test_labels_and_budget():
     assert plots.point_label(pd.Series(dict(size="S", patch=2.0))) == "S/2"
+    assert plots.point_label(pd.Series(dict(size="S", patch=4.0, depth=4.0, width=128))) == "S/4 d4-w128"
     assert plots.point_label(pd.Series(dict(size="B", patch=float("nan")))) == "B"  # DiCo: no patch
     assert plots.point_label(pd.Series(dict(size=float("nan"), patch=float("nan"), depth=4, width=128))) == "d4-w128"
     df = pd.DataFrame(dict(train_steps=[100, 400], batch=[64, 64]))
