@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,8 @@ class ImageDataset:
     labels: torch.Tensor   # (N,) int64
     num_classes: int
     class_names: list[str]
+    _perm_key: tuple[int, int] | None = field(default=None, repr=False)
+    _perm: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def channels(self) -> int:
@@ -63,8 +65,10 @@ class ImageDataset:
             raise ValueError(f"batch size {batch_size} exceeds the {n} images of {self.name}; lower train.batch_size")
         per_epoch = n // batch_size
         epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        return perm[i * batch_size:(i + 1) * batch_size]
+        if self._perm_key != (seed, epoch):  # one permutation per epoch, not per step
+            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            self._perm_key = (seed, epoch)
+        return self._perm[i * batch_size:(i + 1) * batch_size]
 
     def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.batch_indices(step, batch_size, seed)

@@ -287,11 +287,12 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
             update_ema(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
             step += 1
             window_images += x.shape[0]
-            losses.append(loss.item())
-
-            metrics = {"loss": loss.item(), "mse": terms["mse"].mean().item(), "vb": terms["vb"].mean().item(),
-                       "aux": aux.mean().item() if aux is not None else 0.0,
-                       "distill": distill.mean().item() if distill is not None else 0.0, "grad_norm": grad_norm}
+            zero = loss.new_zeros(())
+            values = torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(),
+                                  aux.detach().mean() if aux is not None else zero,
+                                  distill.detach().mean() if distill is not None else zero]).tolist()  # one sync
+            metrics = dict(zip(("loss", "mse", "vb", "aux", "distill"), values), grad_norm=grad_norm)
+            losses.append(metrics["loss"])
             if step % tc.log_every == 0 or step == tc.steps:
                 now = time.time()
                 img_per_s = window_images / max(now - window_start, 1e-9)
