@@ -28,13 +28,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _bi_wkv_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, T, C, BLOCK_C: tl.constexpr):
-    pid_b = tl.program_id(0)
+def _channel_block(w_ptr, u_ptr, T, C, BLOCK_C: tl.constexpr):
+    """This program's channel block: column indices, mask, w and u in fp32, offset of token 0 of its batch row."""
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    base = pid_b.to(tl.int64) * T * C + cols
+    base = tl.program_id(0).to(tl.int64) * T * C + cols
+    return cols, cmask, w, u, base
+
+
+@triton.jit
+def _rescale(running_max, new_log):
+    """Stable log-space accumulation: the new maximum and the factors for the old state and the new term."""
+    mn = tl.maximum(running_max, new_log)
+    return mn, tl.exp(running_max - mn), tl.exp(new_log - mn)
+
+
+@triton.jit
+def _bi_wkv_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, T, C, BLOCK_C: tl.constexpr):
+    cols, cmask, w, u, base = _channel_block(w_ptr, u_ptr, T, C, BLOCK_C)
 
     # pass 1, left to right: store the mean and log-denominator of the strictly-left sum of every token
     num = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -49,9 +62,7 @@ def _bi_wkv_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, T, C, BLOCK_C
         lse_left = tl.where(den > 0, mx - (t - 1) * w + tl.log(tl.maximum(den, 1.0)), float("-inf"))
         tl.store(lse_ptr + offs, lse_left, mask=cmask)
         at = kt + t * w
-        mn = tl.maximum(mx, at)
-        e1 = tl.exp(mx - mn)
-        e2 = tl.exp(at - mn)
+        mn, e1, e2 = _rescale(mx, at)
         num = e1 * num + e2 * vt
         den = e1 * den + e2
         mx = mn
@@ -78,9 +89,7 @@ def _bi_wkv_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, T, C, BLOCK_C
         tl.store(y_ptr + offs, (y_left * el + y_right * er + vt * eb) / d, mask=cmask)
         tl.store(lse_ptr + offs, top + tl.log(d), mask=cmask)
         bt = kt - t * w
-        mn = tl.maximum(mx, bt)
-        e1 = tl.exp(mx - mn)
-        e2 = tl.exp(bt - mn)
+        mn, e1, e2 = _rescale(mx, bt)
         num = e1 * num + e2 * vt
         den = e1 * den + e2
         mx = mn
@@ -89,12 +98,7 @@ def _bi_wkv_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, T, C, BLOCK_C
 @triton.jit
 def _bi_wkv_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, gy_ptr, gk_ptr, gv_ptr, gw_ptr, gu_ptr,
                        T, C, BLOCK_C: tl.constexpr):
-    pid_b = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    base = pid_b.to(tl.int64) * T * C + cols
+    cols, cmask, w, u, base = _channel_block(w_ptr, u_ptr, T, C, BLOCK_C)
     gw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     gu_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
 
@@ -126,9 +130,7 @@ def _bi_wkv_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, gy_ptr, gk_pt
         tl.store(gk_ptr + offs, pd * (vt - yt) + ec * (cg * vt - ch), mask=cmask)
         # advance the forward-left state (derivative states first: they use the old fn, fd)
         at = kt + t * w
-        mn = tl.maximum(fm, at)
-        e1 = tl.exp(fm - mn)
-        e2 = tl.exp(at - mn)
+        mn, e1, e2 = _rescale(fm, at)
         fa = e1 * (fa + fn)
         fb = e1 * (fb + fd)
         fn = e1 * fn + e2 * vt
@@ -136,9 +138,7 @@ def _bi_wkv_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, gy_ptr, gk_pt
         fm = mn
         # advance the cotangent-left state with g_t e^{t w - lse_t}
         ct = t * w - lt
-        cmn = tl.maximum(cm, ct)
-        c1 = tl.exp(cm - cmn)
-        c2 = tl.exp(ct - cmn)
+        cmn, c1, c2 = _rescale(cm, ct)
         cg = c1 * cg + c2 * gt
         ch = c1 * ch + c2 * gt * yt
         cm = cmn
@@ -167,23 +167,19 @@ def _bi_wkv_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, y_ptr, lse_ptr, gy_ptr, gk_pt
         tl.store(gv_ptr + offs, gv_old + ec * cg, mask=cmask)
         tl.store(gk_ptr + offs, gk_old + ec * (cg * vt - ch), mask=cmask)
         bt = kt - t * w
-        mn = tl.maximum(fm, bt)
-        e1 = tl.exp(fm - mn)
-        e2 = tl.exp(bt - mn)
+        mn, e1, e2 = _rescale(fm, bt)
         fa = e1 * (fa + fn)
         fb = e1 * (fb + fd)
         fn = e1 * fn + e2 * vt
         fd = e1 * fd + e2
         fm = mn
         ct = -t * w - lt
-        cmn = tl.maximum(cm, ct)
-        c1 = tl.exp(cm - cmn)
-        c2 = tl.exp(ct - cmn)
+        cmn, c1, c2 = _rescale(cm, ct)
         cg = c1 * cg + c2 * gt
         ch = c1 * ch + c2 * gt * yt
         cm = cmn
 
-    out = pid_b.to(tl.int64) * C + cols
+    out = tl.program_id(0).to(tl.int64) * C + cols
     tl.store(gw_ptr + out, gw_acc, mask=cmask)
     tl.store(gu_ptr + out, gu_acc, mask=cmask)
 
