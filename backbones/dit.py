@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import register, register_token_mixer
-from .checkpoint import read_state_dict
+from runio.files import read_state_dict
 from .layers import (
     Attention,
     DiffusionBackbone,

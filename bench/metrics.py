@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
-from backbones.checkpoint import atomic_torch_save
+from runio.files import atomic_torch_save
 
 # --------------------------------------------------------------------------------------------------------------
 # Frechet distance

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
-from backbones.checkpoint import atomic_write_text
+from runio.files import atomic_write_text
 from bench.flops import CONVENTION, count_params, forward_gmacs
 from bench.schema import RUN_COLUMNS
 from diffusion.trainer import (

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from backbones import token_mixers
-from backbones.checkpoint import atomic_write
+from runio.files import atomic_write
 
 COLUMNS = ["device", "device_name", "mixer", "tokens", "grid_h", "grid_w", "width", "batch", "warmup", "repeats",
            "time_ms_median", "time_ms_min", "time_ms_max", "peak_mem_mb", "mem_method", "status", "threads",

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import backbones
-from backbones.checkpoint import read_state_dict
+from runio.files import read_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from backbones.checkpoint import atomic_write
+from runio.files import atomic_write
 
 SAMPLERS = ("ddpm", "ddim")
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
-from backbones.checkpoint import atomic_torch_save, atomic_write_text, load_file, read_state_dict
+from runio.files import atomic_torch_save, atomic_write_text, load_file, read_state_dict
 from backbones.layers import drop_labels, external_label_dropout
 from diffusion import create_diffusion
 from diffusion.data import ImageDataset, load_dataset
