@@ -11,8 +11,9 @@ import os
 import torch
 import torch.nn as nn
 
-from . import register, register_token_mixer
 from runio.files import read_state_dict
+
+from . import register, register_token_mixer
 from .layers import (
     Attention,
     DiffusionBackbone,

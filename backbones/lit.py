@@ -20,8 +20,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from . import register, register_token_mixer
 from runio.files import read_state_dict
+
+from . import register, register_token_mixer
 from .dit import DIT_PRESETS, DiT, DiTBlock
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from runio.files import atomic_write  # noqa: E402
 from bench.schema import RUN_COLUMNS  # noqa: E402
+from runio.files import atomic_write  # noqa: E402
 
 # (column, axis label, fit a power law)
 X_AXES: list[tuple[str, str, bool]] = [

@@ -31,7 +31,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
-from runio.files import atomic_write_text
 from bench.flops import CONVENTION, count_params, forward_gmacs
 from bench.schema import RUN_COLUMNS
 from diffusion.trainer import (
@@ -41,6 +40,7 @@ from diffusion.trainer import (
     resolve_device,
     train,
 )
+from runio.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -28,10 +28,10 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
-from runio.files import atomic_torch_save, atomic_write_text, load_file, read_state_dict
 from backbones.layers import drop_labels, external_label_dropout
 from diffusion import create_diffusion
 from diffusion.data import ImageDataset, load_dataset
+from runio.files import atomic_torch_save, atomic_write_text, load_file, read_state_dict
 
 log = logging.getLogger(__name__)
 
