@@ -19,13 +19,13 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
-# Debian ships the real Fashion-MNIST idx files; install them when we can (root or sudo), else use data.root.
+# Debian ships the real Fashion-MNIST idx files; install them when we can (root or sudo), else use dataset.root.
 fashion-mnist:
 	@if [ -f $(FMNIST) ]; then echo "Fashion-MNIST: $(FMNIST)"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 	elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; \
-	else echo "Fashion-MNIST not found: install Debian's dataset-fashion-mnist or pass data.root=DIR"; fi
+	else echo "Fashion-MNIST not found: install Debian's dataset-fashion-mnist or pass dataset.root=DIR"; fi
 
 demo: install fashion-mnist
 	$(PY) -m bench.demo

@@ -30,7 +30,7 @@ _FMNIST_FILES = {
 }
 _HOW_TO_GET_FMNIST = ("install Debian's package (`apt-get install dataset-fashion-mnist`, which `make demo` does "
                       "when it can) or download the four idx files (train-images-idx3-ubyte.gz, ...) into a "
-                      "folder and pass data.root=<folder>")
+                      "folder and pass dataset.root=<folder>")
 
 
 class DatasetError(RuntimeError):
@@ -118,11 +118,17 @@ def read_idx(path: Path) -> np.ndarray:
     n = int.from_bytes(raw[4:8], "big")
     if magic == 2051:
         rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
-        shape, offset = (n, rows, cols), 16
+        shape, offset, declared = (n, rows, cols), 16, f"{n} images of {rows}x{cols} pixels"
     elif magic == 2049:
-        shape, offset = (n,), 8
+        shape, offset, declared = (n,), 8, f"{n} labels"
     else:
         raise DatasetError(f"{path} is not an idx image/label file (magic {magic}); {_HOW_TO_GET_FMNIST}")
+    if len(raw) < offset:
+        raise DatasetError(f"{path} is truncated inside its {offset}-byte header ({len(raw)} bytes); "
+                           f"{_HOW_TO_GET_FMNIST}")
+    if 0 in shape:  # a valid header over no data: fail here, naming the file, not with a traceback later
+        raise DatasetError(f"{path} holds no {'images' if magic == 2051 else 'labels'} (its header declares "
+                           f"{declared}): the file is truncated or corrupt; {_HOW_TO_GET_FMNIST}")
     expected = offset + int(np.prod(shape))
     if len(raw) != expected:
         raise DatasetError(f"{path} has {len(raw)} bytes, expected {expected}: truncated or corrupt; "
@@ -150,6 +156,12 @@ def load_fashion_mnist(split: str = "train", image_size: int = 32, root: str | o
 
 
 DATASETS = {"digits": load_digits, "fashion_mnist": load_fashion_mnist}
+CLASS_NAMES = {"digits": [str(i) for i in range(10)], "fashion_mnist": list(FASHION_MNIST_CLASSES)}
+
+
+def class_names(name: str) -> list[str] | None:
+    """Human names of a dataset's classes (grid column headers), None when unknown."""
+    return CLASS_NAMES.get(name)
 
 
 def load_dataset(name: str, split: str = "train", image_size: int | None = None, root: str | None = None

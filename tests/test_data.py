@@ -76,3 +76,27 @@ def test_batches_are_a_function_of_seed_and_step():
     assert len(set(epoch.tolist())) == per_epoch * 64  # no repeats inside an epoch
     with pytest.raises(ValueError, match="lower train.batch_size"):
         ds.batch_indices(0, 10_000, seed=0)
+
+
+def test_hint_names_the_dataset_root_config_key(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        load_dataset("fashion_mnist", root=str(tmp_path / "nowhere"))
+    assert "pass dataset.root=<folder>" in str(err.value) and " data.root" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["images", "labels"])
+def test_idx_file_declaring_zero_items_names_the_file(fake_fmnist, kind):
+    empty = np.zeros((0, 28, 28)) if kind == "images" else np.zeros(0)
+    write_idx(fake_fmnist / f"train-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz", empty)
+    with pytest.raises(DatasetError, match=rf"train-{kind}-idx\d-ubyte.gz holds no {kind} .*declares 0 "):
+        load_dataset("fashion_mnist", "train", root=str(fake_fmnist))
+
+
+def test_count_mismatch_and_labels_out_of_range_are_errors(fake_fmnist):
+    labels = fake_fmnist / "train-labels-idx1-ubyte.gz"
+    write_idx(labels, np.arange(19) % 10)
+    with pytest.raises(DatasetError, match=r"images \(20, 28, 28\) and labels \(19,\) .* do not match"):
+        load_dataset("fashion_mnist", "train", root=str(fake_fmnist))
+    write_idx(labels, np.full(20, 10))
+    with pytest.raises(DatasetError, match="labels under .* exceed 9"):
+        load_dataset("fashion_mnist", "train", root=str(fake_fmnist))
