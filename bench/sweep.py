@@ -1,25 +1,28 @@
-"""Resumable sweeps: every grid point is counted, trained, sampled, scored and appended to one CSV row.
+"""Resumable sweeps: every grid point is trained, counted, sampled, scored and written as one CSV row.
 
     python -m bench.sweep backbone=rwkv                  # rwkv's points of the default grid (conf/sweep/cpu.yaml)
-    python -m bench.sweep                                # every registered backbone the grid lists
-    python -m bench.sweep 'backbones=[dit,lit]'          # several backbones in one process
+    python -m bench.sweep                                # every backbone the grid lists
     python -m bench.sweep -m backbone=dit,lit hydra/launcher=joblib hydra.launcher.n_jobs=2
 
-Rows go to ``results/<dataset>/runs.csv`` (schema: bench/schema.py and the README). Rerunning an interrupted
-sweep skips points that already have an ``ok`` row and resumes unfinished ones from their checkpoints; a failing
-point gets a ``failed`` row with its error and the sweep goes on. The CSV is rewritten atomically under a file
-lock (temporary file + rename), so concurrent jobs and killed processes leave neither torn nor duplicate rows.
+A point is the sweep's run configuration with the grid's ``backbone.*`` overrides applied, validated by the same
+schema as ``diffusion.train``. Three keys (``diffusion.run``) decide what may be reused:
+
+* the **run key** + ``train.steps`` names the point's run directory: a checkpoint is resumed or reused only by a
+  point with the same training recipe (the trainer re-checks the key on resume);
+* the **point key** adds the evaluation protocol: a CSV row is reused only under the same key, so changing the
+  learning rate, schedule, CFG scale, sampler, sample count or metric gives a new row (old rows stay);
+* the **recipe key** is the point key without the architecture: the plots fit one curve per recipe.
+
+Reuse is announced with where it came from. Rows go to ``<results_dir>/<dataset>/runs.csv`` (schema:
+bench/schema.py) through ``bench.results_csv`` (validated on read, atomic under a lock); a failing point gets a
+``failed`` row and the sweep goes on; a per-point lock stops two sweeps from training the same point.
 """
 
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
 import logging
-import os
-import platform
-import threading
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -31,265 +34,237 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
-from bench.flops import CONVENTION, count_params, forward_gmacs
-from bench.schema import RUN_COLUMNS
-from diffusion.trainer import (
-    build_from_checkpoint,
-    git_commit,
-    load_checkpoint,
-    resolve_device,
-    train,
-)
-from runio.files import atomic_write_text
+from bench.flops import CONVENTION, forward_gmacs
+from bench.results_csv import read_rows, upsert_row
+from diffusion.config import CONF_DIR, ConfigError, to_plain, validate, validate_backbone
+from diffusion.data import ImageDataset, load_dataset
+from diffusion.run import digest, read_log, run_identity, run_key, steady_throughput
+from diffusion.trainer import backbone_kwargs, build_from_checkpoint, effective_precision, load_checkpoint, train
+from runio.env import device_name, git_commit, resolve_device
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+ROW_KEY = "point_key"
+EVAL_KEYS = ("metric", "num_samples", "sampler", "steps", "cfg_scale", "seed", "clip_denoised", "batch_size",
+             "inception_weights")
+
+
+class PointBusy(RuntimeError):
+    """Another process is training this point."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The CSV: one row per point_id, rewritten atomically under a lock
+# Points
 # ----------------------------------------------------------------------------------------------------------------
+def selected_backbones(cfg: DictConfig) -> list[str]:
+    """``backbone=<name>`` selects one backbone's points; without it every backbone the grid lists."""
+    grid = cfg.sweep.points
+    if cfg.backbone is None:
+        names = list(grid)
+        unknown = [n for n in names if n not in backbones.available()]
+        if unknown:
+            raise ConfigError(f"grid {cfg.sweep.name!r} lists unregistered backbone(s) {unknown}; available: "
+                              f"{', '.join(backbones.available())}")
+        return names
+    name = cfg.backbone.name
+    backbones.get(name)  # unknown names fail with the list of available ones
+    if name not in grid:
+        raise ConfigError(f"grid {cfg.sweep.name!r} has no points for backbone {name!r}; add them to "
+                          f"conf/sweep/{cfg.sweep.name}.yaml or choose another grid with sweep=<name>")
+    return [name]
+
+
+def point_config(cfg: DictConfig, name: str, overrides: dict) -> DictConfig:
+    """The run config of one point: the backbone group (the user's, if they chose this backbone, else
+    conf/backbone/<name>.yaml) with the point's overrides, validated like any training config."""
+    if cfg.backbone is not None and cfg.backbone.name == name:
+        base = to_plain(cfg.backbone)
+    else:
+        base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backbone" / f"{name}.yaml"))
+        base.pop("defaults", None)
+    point = OmegaConf.create(to_plain(cfg))
+    point.backbone = validate_backbone({**base, **dict(overrides), "name": name})
+    return validate(point)
+
+
+def point_keys(point: DictConfig, dataset: ImageDataset) -> dict[str, str]:
+    """run_key (training recipe), train_key (+ steps: the run directory), point_key (+ evaluation: the CSV row),
+    recipe_key (the point key without the architecture: one fit per recipe in the plots)."""
+    plain = to_plain(point)
+    kwargs = backbone_kwargs(point.backbone, dataset, point.train.class_dropout_prob, point.diffusion.learn_sigma)
+    precision = effective_precision(plain["train"]["precision"], resolve_device(point.device))
+    identity = run_identity(plain, kwargs, precision)
+    rkey = run_key(identity)
+    prefix = rkey.rsplit("-", 1)[0]
+    evaluation = {k: plain["eval"][k] for k in EVAL_KEYS}
+    steps = int(point.train.steps)
+    recipe = {k: v for k, v in identity.items() if k != "backbone"}
+    return {"run_key": rkey,
+            "train_key": f"{prefix}-s{steps}-{digest([identity, steps])}",
+            "point_key": f"{prefix}-s{steps}-{digest([identity, steps, evaluation])}",
+            "recipe_key": f"s{steps}-bs{point.train.batch_size}-{digest([recipe, steps, evaluation], 8)}"}
+
+
 @contextmanager
-def locked(path: Path) -> Iterator[None]:
+def point_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PointBusy(f"{path.stem} is being trained by another sweep (lock {path}); skipped") from None
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def read_rows(csv_path: Path) -> list[dict]:
-    if not csv_path.exists():
-        return []
-    with open(csv_path, newline="") as f:
-        return list(csv.DictReader(f))
+def say(cfg: DictConfig, text: str) -> None:
+    from tqdm.auto import tqdm
 
-
-def upsert_row(csv_path: Path, row: dict) -> None:
-    """Insert or replace the row of ``row['point_id']``; the whole file is replaced atomically."""
-    unknown = set(row) - set(RUN_COLUMNS)
-    if unknown:
-        raise KeyError(f"columns {sorted(unknown)} are not in bench.schema.RUN_COLUMNS")
-    with locked(csv_path):
-        rows = [r for r in read_rows(csv_path) if r["point_id"] != row["point_id"]]
-        rows.append({c: row.get(c, "") for c in RUN_COLUMNS})
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=RUN_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(csv_path, buf.getvalue())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Grid points
-# ----------------------------------------------------------------------------------------------------------------
-def grid_points(cfg: DictConfig) -> list[tuple[str, dict]]:
-    """(backbone name, backbone overrides) for every point of the grid that ``backbone`` (or ``backbones``) keeps."""
-    grid = OmegaConf.to_container(cfg.sweep.points, resolve=True)
-    selection = cfg.get("backbones") or cfg.backbone.name
-    if selection == "all":
-        names = [n for n in grid if n in backbones.available()]
-    elif isinstance(selection, str):
-        names = [selection]
-    else:  # backbones=[dit,lit]
-        names = [str(n) for n in selection]
-    points = []
-    for name in names:
-        backbones.get(name)  # unknown names fail here with the list of available ones
-        if name not in grid:
-            raise ValueError(f"grid {cfg.sweep.name!r} has no points for backbone {name!r}; add them to "
-                             f"conf/sweep/{cfg.sweep.name}.yaml or choose another grid with sweep=<name>")
-        points += [(name, dict(p)) for p in grid[name]]
-    return points
-
-
-def backbone_config(name: str, overrides: dict) -> dict:
-    """conf/backbone/<name>.yaml (if present) merged with the point's overrides."""
-    base_path = CONF_DIR / "backbone" / f"{name}.yaml"
-    base = OmegaConf.to_container(OmegaConf.load(base_path)) if base_path.exists() else {"name": name}
-    base.update(overrides)
-    base["name"] = name
-    return base
-
-
-def point_id(name: str, overrides: dict, cfg: DictConfig) -> str:
-    arch = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
-    return (f"{name}-{arch}-img{cfg.dataset.image_size}-steps{cfg.train.steps}-bs{cfg.train.batch_size}"
-            f"-seed{cfg.seed}").replace("/", "_").replace(" ", "")
-
-
-def train_config(cfg: DictConfig, bb: dict, run_dir: Path, resume: bool) -> DictConfig:
-    """The trainer's config (conf/train.yaml schema) for one point."""
-    return OmegaConf.create({
-        "seed": cfg.seed, "device": cfg.device, "threads": cfg.threads, "progress": cfg.progress,
-        "run_dir": str(run_dir), "resume": str(run_dir) if resume else None, "init_from": None,
-        "backbone": bb, "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-        "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
-        "train": OmegaConf.to_container(cfg.train, resolve=True),
-        "distill": {"teacher": None}, "sample": {"per_class": 0},
-    })
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Peak memory
-# ----------------------------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak device memory of a block: CUDA max_memory_allocated, or on CPU the peak resident set size above the
-    level at entry, sampled every 20 ms from /proc/self/statm (the host has no allocator statistics)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _rss_mb() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        self._base = self._rss_mb()
-        self._peak = self._base
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(0.02):
-                self._peak = max(self._peak, self._rss_mb())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = max(self._peak, self._rss_mb()) - self._base
+    if cfg.progress:
+        tqdm.write(text)
+    else:
+        print(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One point
 # ----------------------------------------------------------------------------------------------------------------
-def run_point(cfg: DictConfig, name: str, overrides: dict, scorer: Any) -> dict:
-    from diffusion.sampling import sample_images, to_uint8
+def run_point(point: DictConfig, keys: dict, scorer: Any) -> dict:
+    """Train (or resume / reuse) the point's run, then count, sample and score it. Returns its CSV row."""
+    from diffusion.sampling import sample_images, save_grid, to_uint8
 
     t0 = time.time()
-    device = resolve_device(cfg.device)
-    pid = point_id(name, overrides, cfg)
-    run_dir = Path(cfg.runs_root) / cfg.dataset.name / pid
-    bb = backbone_config(name, overrides)
-    row: dict[str, Any] = {
-        "point_id": pid, "dataset": cfg.dataset.name, "image_size": cfg.dataset.image_size,
-        "backbone": name, "train_steps": cfg.train.steps, "batch": cfg.train.batch_size, "lr": cfg.train.lr,
-        "num_samples": cfg.eval.num_samples, "sampler": cfg.eval.sampler, "sample_steps": cfg.eval.steps,
-        "cfg_scale": cfg.eval.cfg_scale, "seed": cfg.seed, "device": _device_name(device),
-        "torch_version": torch.__version__, "git_commit": git_commit(), "run_dir": str(run_dir),
-    }
+    device = resolve_device(point.device)
+    run_dir = Path(point.runs_root) / point.dataset.name / keys["train_key"]
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    done_steps = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0
-    peak_file = run_dir / "train_peak_mem_mb.txt"
-    if done_steps < cfg.train.steps:
-        with PeakMemory(device) as mem:
-            summary = train(train_config(cfg, bb, run_dir, resume=done_steps > 0))
-        train_ips, peak_mb = summary["train_img_per_s"], mem.peak_mb
-        atomic_write_text(peak_file, f"{peak_mb}\n")
-    else:  # trained before an interruption during evaluation: keep what its training measured
-        train_ips = _logged_throughput(run_dir)
-        peak_mb = float(peak_file.read_text()) if peak_file.exists() else float("nan")
+    with point_lock(run_dir.with_name(run_dir.name + ".lock")):
+        done = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0
+        if done >= point.train.steps:
+            say(point, f"reusing the trained checkpoint {ckpt_path} (same run key {keys['run_key']}, step {done})")
+        else:
+            if done:
+                say(point, f"resuming {run_dir} from step {done}")
+            train_cfg = OmegaConf.create(to_plain(point))
+            train_cfg.run_dir, train_cfg.resume = str(run_dir), str(run_dir) if done else None
+            train_cfg.sample.per_class = 0
+            train(train_cfg)
     ckpt = load_checkpoint(ckpt_path)
+    if ckpt["config"].get("key") != keys["run_key"]:
+        raise RuntimeError(f"{ckpt_path} holds run {ckpt['config'].get('key')}, not {keys['run_key']}; move it aside")
     model = build_from_checkpoint(ckpt, use_ema=True).to(device)
     arch = model.arch
-    row.update(size=arch.get("size", ""), patch=arch.get("patch") or "", depth=arch.get("depth", ""),
-               width=arch.get("width", ""), channels=model.in_channels, **count_params(model))
-    row.pop("trainable_params", None)
-    row["gmacs"] = forward_gmacs(model, model.input_size, model.in_channels)
-    row["train_compute_gmacs"] = row["gmacs"] * 3 * cfg.train.batch_size * cfg.train.steps
-
-    labels = torch.arange(cfg.eval.num_samples) % model.num_classes
+    say(point, f"counting GMACs of {point.backbone.name} {arch} ...")
+    gmacs = forward_gmacs(model, model.input_size, model.in_channels)
+    history = ckpt["config"].get("history") or []
+    peaks = [s["peak_mem_mb"] for s in history if s.get("peak_mem_mb") is not None]
+    row: dict[str, Any] = {
+        **{k: keys[k] for k in ("point_key", "run_key", "recipe_key")},
+        "dataset": point.dataset.name, "image_size": model.input_size, "channels": model.in_channels,
+        "backbone": point.backbone.name, "size": arch.get("size", ""), "patch": arch.get("patch") or "",
+        "depth": arch.get("depth", ""), "width": arch.get("width", ""),
+        "params": sum(p.numel() for p in model.parameters()), "gmacs": gmacs,
+        "train_steps": point.train.steps, "batch": point.train.batch_size, "lr": point.train.lr,
+        "train_compute_gmacs": gmacs * 3 * point.train.batch_size * point.train.steps,
+        "num_samples": point.eval.num_samples, "sampler": to_plain(point.eval)["sampler"],
+        "sample_steps": point.eval.steps, "cfg_scale": point.eval.cfg_scale, "seed": point.seed,
+        "train_img_per_s": steady_throughput(read_log(run_dir / "log.csv")),
+        "peak_mem_mb": max(peaks) if peaks else "",
+        "device": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),
+        "run_dir": str(run_dir),
+    }
+    labels = torch.arange(point.eval.num_samples) % model.num_classes
     ts = time.time()
-    samples = sample_images(model, labels, sampler=cfg.eval.sampler, steps=cfg.eval.steps,
-                            cfg_scale=cfg.eval.cfg_scale, seed=cfg.eval.seed,
-                            noise_schedule=cfg.diffusion.noise_schedule,
-                            diffusion_steps=cfg.diffusion.diffusion_steps, batch_size=cfg.eval.batch_size,
-                            device=device, progress=False, clip_denoised=cfg.eval.clip_denoised)
-    sample_ips = len(labels) / (time.time() - ts)
-    scores = scorer.score(to_uint8(samples), labels)  # scored as saved images: clamped, 8-bit (DiT's protocol)
-    from diffusion.sampling import save_grid
-
-    save_grid(samples[: 10 * min(model.num_classes, 10)], run_dir / "eval_samples.png",
-              ncol=min(model.num_classes, 10))
+    samples = sample_images(model, labels, sampler=row["sampler"], steps=point.eval.steps,
+                            cfg_scale=point.eval.cfg_scale, seed=point.eval.seed,
+                            noise_schedule=to_plain(point.diffusion)["noise_schedule"],
+                            diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
+                            device=device, progress=point.progress, clip_denoised=point.eval.clip_denoised)
+    row["sample_img_per_s"] = len(labels) / (time.time() - ts)
+    scores = scorer.score(to_uint8(samples), labels)  # scored as saved images: 8-bit (DiT's protocol)
+    ncol = min(model.num_classes, 10)
+    save_grid(samples[: 10 * ncol], run_dir / "eval_samples.png", ncol=ncol,
+              class_names=scorer_class_names(scorer, ncol))
     row.update(metric_name=scores["metric_name"], metric_value=scores["metric_value"],
-               classifier_accuracy=scores.get("classifier_accuracy", ""), train_img_per_s=train_ips,
-               sample_img_per_s=sample_ips, peak_mem_mb=peak_mb, wall_time_s=time.time() - t0, status="ok",
-               error="")
+               classifier_accuracy=scores.get("classifier_accuracy", ""), wall_time_s=time.time() - t0,
+               status="ok", error="")
     return row
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-
-
-def _logged_throughput(run_dir: Path) -> float:
-    with open(run_dir / "log.csv", newline="") as f:
-        values = [float(r["img_per_s"]) for r in csv.DictReader(f) if r["img_per_s"] not in ("", "nan")]
-    return sorted(values)[len(values) // 2] if values else float("nan")
+def scorer_class_names(scorer: Any, n: int) -> list[str] | None:
+    names = getattr(scorer, "class_names", None)
+    return list(names)[:n] if names else None
 
 
 def make_scorer(cfg: DictConfig) -> Any:
     """The configured metric: the dataset classifier's Frechet distance (CPU scale) or Inception FID."""
     from bench import metrics
-    from diffusion.data import load_dataset
 
-    train_ds = load_dataset(cfg.dataset.name, "train", cfg.dataset.image_size, cfg.dataset.get("root"))
-    test_ds = load_dataset(cfg.dataset.name, "test", cfg.dataset.image_size, cfg.dataset.get("root"))
-    if cfg.eval.metric == "classifier":
-        return metrics.ClassifierMetric(cfg.dataset.name, train_ds.images, train_ds.labels, test_ds.images,
-                                        test_ds.labels, cache_dir=cfg.cache_dir)
-    if cfg.eval.metric == "fid":
-        return metrics.InceptionMetric(test_ds.images, cache_dir=cfg.cache_dir,
-                                       inception_weights=cfg.eval.inception_weights, device=cfg.device)
-    raise ValueError(f"unknown eval.metric {cfg.eval.metric!r}; choose classifier or fid")
+    root, size = cfg.dataset.root, cfg.dataset.image_size
+    train_ds = load_dataset(cfg.dataset.name, "train", size, root)
+    test_ds = load_dataset(cfg.dataset.name, "test", size, root)
+    metric = to_plain(cfg.eval)["metric"]
+    if metric == "classifier":
+        scorer = metrics.ClassifierMetric(cfg.dataset.name, train_ds.images, train_ds.labels, test_ds.images,
+                                          test_ds.labels, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    else:
+        scorer = metrics.InceptionMetric(test_ds.images, cache_dir=cfg.cache_dir,
+                                         inception_weights=cfg.eval.inception_weights, device=cfg.device)
+    scorer.class_names = train_ds.class_names
+    return scorer
+
+
+def _failed_row(point: DictConfig, name: str, keys: dict, err: BaseException) -> dict:
+    return {**{k: keys.get(k, "") for k in ("point_key", "run_key", "recipe_key")},
+            "dataset": point.dataset.name, "image_size": point.dataset.image_size, "backbone": name,
+            "train_steps": point.train.steps, "batch": point.train.batch_size, "lr": point.train.lr,
+            "seed": point.seed, "status": "failed", "error": f"{type(err).__name__}: {err}"[:500],
+            "torch_version": torch.__version__, "git_commit": git_commit()}
 
 
 def run_sweep(cfg: DictConfig) -> list[dict]:
     """Run (or resume) every selected grid point; returns the rows of this sweep."""
     from tqdm.auto import tqdm
 
-    if cfg.get("threads"):
+    cfg = validate(cfg)
+    if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    points = grid_points(cfg)
+    names = selected_backbones(cfg)
+    points = [(n, dict(p)) for n in names for p in to_plain(cfg.sweep.points[n])]
     csv_path = Path(cfg.results_dir) / cfg.dataset.name / "runs.csv"
     print(f"sweep {cfg.sweep.name}: {len(points)} points on {cfg.dataset.name} {cfg.dataset.image_size}px, "
           f"{cfg.train.steps} steps x batch {cfg.train.batch_size}; FLOPs are {CONVENTION}; rows -> {csv_path}")
-    scorer = make_scorer(cfg)
+    dataset = load_dataset(cfg.dataset.name, "train", cfg.dataset.image_size, cfg.dataset.root)
+    scorer = None
     rows = []
     bar = tqdm(points, desc="sweep", unit="point", position=0, dynamic_ncols=True, disable=not cfg.progress)
     for name, overrides in bar:
-        pid = point_id(name, overrides, cfg)
-        bar.set_postfix_str(pid[:60])
-        done = {r["point_id"]: r for r in read_rows(csv_path)}
-        if done.get(pid, {}).get("status") == "ok":
-            rows.append(done[pid])
-            continue
+        keys: dict = {}
         try:
-            row = run_point(cfg, name, overrides, scorer)
+            point = point_config(cfg, name, overrides)
+            keys = point_keys(point, dataset)
+            bar.set_postfix_str(keys["point_key"][:60])
+            previous = {r[ROW_KEY]: r for r in read_rows(csv_path)}.get(keys["point_key"])
+            if previous is not None and previous.get("status") == "ok":
+                say(cfg, f"reusing row {keys['point_key']} of {csv_path} (same key; commit "
+                         f"{previous.get('git_commit')}, run {previous.get('run_dir')})")
+                rows.append(previous)
+                continue
+            if scorer is None:
+                scorer = make_scorer(cfg)
+            row = run_point(point, keys, scorer)
         except KeyboardInterrupt:
             raise
+        except PointBusy as e:
+            say(cfg, str(e))
+            continue
         except Exception as e:  # a failing point is recorded and the sweep goes on
-            log.error("point %s failed:\n%s", pid, traceback.format_exc())
-            row = {"point_id": pid, "dataset": cfg.dataset.name, "image_size": cfg.dataset.image_size,
-                   "backbone": name, "train_steps": cfg.train.steps, "batch": cfg.train.batch_size,
-                   "seed": cfg.seed, "status": "failed", "error": f"{type(e).__name__}: {e}"[:500],
-                   "torch_version": torch.__version__, "git_commit": git_commit()}
-        upsert_row(csv_path, row)
+            log.error("point %s %s failed:\n%s", name, overrides, traceback.format_exc())
+            row = _failed_row(point if "point" in locals() else cfg, name, keys, e)
+            if not keys:  # invalid before it had a key: nothing to record under
+                rows.append(row)
+                continue
+        upsert_row(csv_path, row, key=ROW_KEY)
         rows.append(row)
     bar.close()
     print_summary(rows)
@@ -311,10 +286,19 @@ def print_summary(rows: list[dict]) -> None:
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    rows = run_sweep(cfg)
+    try:
+        rows = run_sweep(cfg)
+    except KeyboardInterrupt:
+        print("\nsweep interrupted; rerun the same command to resume (finished points are kept)", file=sys.stderr)
+        sys.exit(130)
+    except (ConfigError, OSError, RuntimeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     failed = [r for r in rows if r.get("status") == "failed"]
     if failed:
-        print(f"{len(failed)} point(s) failed: " + "; ".join(f"{r['point_id']}: {r['error']}" for r in failed))
+        print(f"{len(failed)} point(s) failed: " + "; ".join(f"{r['point_key'] or r['backbone']}: {r['error']}"
+                                                             for r in failed), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

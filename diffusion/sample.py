@@ -1,6 +1,10 @@
-"""Draw class-conditional samples from a checkpoint to a PNG grid and an .npz (ADM evaluator layout).
+"""Draw class-conditional samples from a trained run to a PNG grid (class names on the columns) and an .npz
+(ADM evaluator layout: uint8 NHWC ``arr_0`` plus ``labels``).
 
-    python -m diffusion.sample runs/fashion_mnist/dit-... --sampler ddim --steps 50 --cfg-scale 2.0
+    python -m diffusion.sample runs/fashion_mnist/dit-20261202-101500-1a2b3c --sampler ddim --steps 50 --cfg-scale 2
+
+The diffusion settings (schedule, number of steps) come from the run's own typed config; bad options end with
+one line naming the problem (exit 2).
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from diffusion.config import ConfigError, check_cfg_scale
 from diffusion.sampling import SAMPLERS, class_grid_labels, sample_images, save_grid, save_npz
-from diffusion.trainer import build_from_checkpoint, load_checkpoint, resolve_device
+from diffusion.trainer import build_from_checkpoint, load_checkpoint
+from runio.env import resolve_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     try:
+        check_cfg_scale(args.cfg_scale, "--cfg-scale")
+        for flag, value in (("--steps", args.steps), ("--per-class", args.per_class)):
+            if value < 1:
+                raise ConfigError(f"{flag}={value} is out of range: an integer >= 1")
         ckpt = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = resolve_device(args.device)
@@ -47,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: classes {bad} outside [0, {model.num_classes})", file=sys.stderr)
             return 2
         labels = torch.tensor(args.classes).repeat(args.per_class)
-        ncol = len(args.classes)
+        columns = list(args.classes)
     else:
         labels = class_grid_labels(model.num_classes, args.per_class)
-        ncol = min(model.num_classes, 10)
+        columns = list(range(min(model.num_classes, 10)))
+    from diffusion.data import class_names
+
+    names = class_names(train_cfg["dataset"]["name"])
+    ncol = len(columns)
     images = sample_images(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                            seed=args.seed, noise_schedule=train_cfg["diffusion"]["noise_schedule"],
                            diffusion_steps=train_cfg["diffusion"]["diffusion_steps"], device=device, progress=True,
@@ -58,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = Path(args.checkpoint)
     run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
     stem = Path(args.out) if args.out else run_dir / f"samples-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}"
-    png = save_grid(images, stem.with_suffix(".png"), ncol=ncol)
+    png = save_grid(images, stem.with_suffix(".png"), ncol=ncol,
+                    class_names=[names[c] for c in columns] if names else None)
     npz = save_npz(images, labels, stem.with_suffix(".npz"))
     print(f"wrote {png} and {npz} ({len(labels)} samples, step {ckpt['step']})")
     return 0

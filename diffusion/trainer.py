@@ -1,58 +1,78 @@
 """The one trainer every backbone goes through (EDM style: it knows nothing concrete about a network).
 
-It builds a registered backbone from the config, trains it with the ADM diffusion loss (mse + vb with learned
-sigma), plus two general hooks: the backbone's ``auxiliary_loss`` (e.g. DiMR's multi-scale loss) and hybrid
-distillation from a frozen teacher of any backbone. A run directory holds:
+    run = build_run(cfg)            # data, model, EMA, optimizer, diffusion, teacher; fresh or resumed
+    for each step: train_step(run)  # per-step randomness from (seed, step): t, noise, label dropout
+    save_checkpoint(run)            # atomically, every train.ckpt_every steps
+    draw_samples(run)               # class-conditional EMA grid at the end
 
-    config.yaml      resolved config
-    log.csv          step, loss, mse, vb, aux, distill, grad_norm, img_per_s, elapsed_s
-    checkpoints/last.pt   {model, ema, opt, step, rng, config}, written atomically every ``ckpt_every`` steps
-    samples.png / samples.npz   class-conditional samples of the EMA model at the end
+The loss comes from the backbone's own hook ``model.training_losses(diffusion, x, t, y, noise)`` (the ADM loss,
+mse + vb with learned sigma, plus e.g. DiMR's multi-scale term); labels are dropped once per batch here, so the
+backbone and a distillation teacher see the same labels. Run identity, run directories and the log format are in
+``diffusion.run``; a resume is refused when its settings differ from the checkpoint's (``allow_changes=``
+accepts and records deliberate changes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import logging
 import math
 import os
+import signal
+import shutil
+import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
-from backbones.layers import drop_labels, external_label_dropout
+from backbones.layers import count_parameters, drop_labels
 from diffusion import create_diffusion
+from diffusion.config import ConfigError, to_plain, validate
 from diffusion.data import ImageDataset, load_dataset
+from diffusion.run import (
+    LOG_COLUMNS,
+    check_resume,
+    claim_new_run_dir,
+    now_text,
+    read_log,
+    run_identity,
+    run_key,
+    run_lock,
+    steady_throughput,
+)
+from runio.env import PeakMemory, device_name, git_commit, resolve_device
 from runio.files import atomic_torch_save, atomic_write_text, load_file, read_state_dict
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = ["step", "loss", "mse", "vb", "aux", "distill", "grad_norm", "img_per_s", "elapsed_s"]
-
 
 class DivergenceError(RuntimeError):
-    """The loss became non-finite; the last good checkpoint is left intact."""
+    """The loss or gradient became non-finite; the last good checkpoint (if any) is left intact."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C: the run stopped cleanly between two steps after writing a checkpoint."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved in {run_dir}; resume with "
+                         f"`python -m diffusion.train resume={run_dir}`")
+        self.step, self.run_dir = step, run_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small utilities
+# Checkpoints and small pieces
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """One of our checkpoints {model, ema, opt, step, rng, config} (a .pt file or a run directory), weights only."""
+    """One of our checkpoints {model, ema, opt, step, config} (a .pt file or a run directory), weights only."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict) or "step" not in ckpt or "config" not in ckpt:
         raise RuntimeError(f"{path} is not a checkpoint written by diffusion.train (no step/config); official "
@@ -60,19 +80,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def backbone_kwargs(backbone_cfg: DictConfig | dict, dataset: ImageDataset | None = None,
-                    class_dropout_prob: float | None = None, learn_sigma: bool | None = None) -> dict:
-    """Constructor keywords of the backbone from its config group (``name`` removed, nulls dropped)."""
-    cfg = OmegaConf.to_container(backbone_cfg, resolve=True) if isinstance(backbone_cfg, DictConfig) else dict(
-        backbone_cfg)
-    # init_from is a training-time action (the trainer's init_from=), not part of the architecture to rebuild
-    kwargs = {k: v for k, v in cfg.items() if k not in ("name", "init_from") and v is not None}
-    if dataset is not None:
-        kwargs.update(input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes)
-    if class_dropout_prob is not None:
-        kwargs["class_dropout_prob"] = class_dropout_prob
-    if learn_sigma is not None:
-        kwargs["learn_sigma"] = learn_sigma
+def backbone_kwargs(backbone_cfg: DictConfig | dict, dataset: ImageDataset, class_dropout_prob: float,
+                    learn_sigma: bool) -> dict:
+    """Constructor keywords: the backbone group (``name`` removed, nulls dropped) plus the data shape."""
+    cfg = to_plain(backbone_cfg) if isinstance(backbone_cfg, DictConfig) else dict(backbone_cfg)
+    kwargs = {k: v for k, v in cfg.items() if k != "name" and v is not None}
+    kwargs.update(input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes,
+                  class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma)
     return kwargs
 
 
@@ -86,16 +100,21 @@ def build_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
 
 def inherit_weights(model: nn.Module, source: str | os.PathLike) -> dict:
     """Weight inheritance behind ``init_from=``: the backbone's own ``inherit_weights`` when it defines one (LiT:
-    every DiT tensor except attention, strictly), else every tensor of the checkpoint whose name and shape match.
-    Returns a report {"loaded": [...], "fresh": [...], ...}.
-    """
+    every DiT tensor except attention, strictly), else every tensor whose name and shape match. Returns
+    {"loaded": [...], "fresh": [...], ...}; matching nothing is an error (wrong file or backbone)."""
     if hasattr(model, "inherit_weights"):
-        return model.inherit_weights(source)
-    state, _, _ = read_state_dict(source)
-    own = model.state_dict()
-    take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(take, strict=False)
-    return {"loaded": sorted(take), "fresh": sorted(set(own) - set(take)), "ignored": sorted(set(state) - set(take))}
+        report = model.inherit_weights(source)
+    else:
+        state, _, _ = read_state_dict(source)
+        own = model.state_dict()
+        take = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(take, strict=False)
+        report = {"loaded": sorted(take), "fresh": sorted(set(own) - set(take)),
+                  "ignored": sorted(set(state) - set(take))}
+    if not report["loaded"]:
+        raise ValueError(f"init_from={source}: no tensor of the checkpoint matches {type(model).__name__} by name and "
+                         f"shape; check that it holds this backbone at this size and data shape")
+    return report
 
 
 @torch.no_grad()
@@ -122,215 +141,340 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def git_commit() -> str:
-    import subprocess
+def step_seed(seed: int, step: int) -> int:
+    """The seed of everything random in one optimisation step (t, noise, label dropout, drop-path): a function of
+    (run seed, step) only, so resuming needs no RNG state and the draw does not depend on the device."""
+    return (seed * 1_000_003 + step * 7919 + 1) % (2**63 - 1)
 
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# The Run
 # ----------------------------------------------------------------------------------------------------------------
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    dataset: ImageDataset
+    model: nn.Module
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    diffusion: Any
+    teacher: nn.Module | None
+    kwargs: dict
+    identity: dict
+    key: str
+    step: int = 0
+    history: list = field(default_factory=list)
+    created_dir: bool = False
+    checkpoint_written: bool = False
+
+    @property
+    def session(self) -> dict:
+        return self.history[-1]
+
+    def checkpoint_config(self) -> dict:
+        return {"backbone_name": self.cfg.backbone.name, "backbone_kwargs": self.kwargs, "key": self.key,
+                "identity": self.identity, "history": self.history, "train": to_plain(self.cfg)}
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _load_data(cfg: DictConfig) -> ImageDataset:
+    return load_dataset(cfg.dataset.name, "train", cfg.dataset.image_size, cfg.dataset.root)
 
 
-def _read_log(path: Path, upto_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto_step]
-
-
-def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Train one backbone as configured (see conf/train.yaml). Returns a summary dict.
-
-    ``on_step(step, metrics)`` is called after every optimisation step (progress hooks, tests).
-    """
-    from diffusion.sampling import class_grid_labels, sample_images, save_grid, save_npz
-
-    t_start = time.time()
+def build_run(cfg: DictConfig) -> Run:
+    """Everything a training session needs, from a validated config: fresh (a new run directory) or resumed
+    (``cfg.resume``: the checkpoint's identity must match unless ``allow_changes`` lists the difference)."""
+    cfg = validate(cfg)
     device = resolve_device(cfg.device)
-    if cfg.get("threads"):
+    if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    tc = cfg.train
-
     resume_ckpt = None
-    if cfg.get("resume"):
+    if cfg.resume:
         resume_ckpt = load_checkpoint(cfg.resume)
-        run_dir = Path(cfg.resume)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent.parent
-    else:
-        run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        resume_path = Path(cfg.resume)
+        run_dir = resume_path if resume_path.is_dir() else resume_path.parent.parent
 
-    torch.manual_seed(cfg.seed)
-    dataset = load_dataset(cfg.dataset.name, "train", cfg.dataset.get("image_size"), cfg.dataset.get("root"))
-    kwargs = backbone_kwargs(cfg.backbone, dataset, tc.class_dropout_prob, cfg.diffusion.learn_sigma)
+    dataset = _load_data(cfg)
+    kwargs = backbone_kwargs(cfg.backbone, dataset, cfg.train.class_dropout_prob, cfg.diffusion.learn_sigma)
+    precision = effective_precision(cfg.train.precision.value if hasattr(cfg.train.precision, "value")
+                                    else str(cfg.train.precision), device)
+    identity = run_identity(to_plain(cfg), {k: v for k, v in kwargs.items()}, precision)
+    key = run_key(identity)
+    changes: dict = {}
+    if resume_ckpt is not None:
+        old_identity = resume_ckpt["config"].get("identity")
+        if old_identity is None:
+            raise RuntimeError(f"{run_dir} was written by an older version without a run key; it cannot be resumed "
+                               f"safely: start a new run")
+        changes = check_resume(old_identity, identity, list(cfg.allow_changes), run_dir)
+
+    torch.manual_seed(cfg.seed)  # the initialisation is a function of the seed
     model = backbones.build(cfg.backbone.name, **kwargs)
-    init_from = cfg.get("init_from") or cfg.backbone.get("init_from")
-    if init_from and resume_ckpt is None:
-        report = inherit_weights(model, init_from)
-        log.info("init_from %s: loaded %d tensors, kept %d fresh: %s", init_from, len(report["loaded"]),
+    if cfg.init_from and resume_ckpt is None:
+        report = inherit_weights(model, cfg.init_from)
+        log.info("init_from %s: loaded %d tensors, kept %d fresh: %s", cfg.init_from, len(report["loaded"]),
                  len(report["fresh"]), report["fresh"][:12])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = make_optimizer(model, tc.lr, tc.weight_decay)
-    diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
-                                 learn_sigma=cfg.diffusion.learn_sigma,
-                                 diffusion_steps=cfg.diffusion.diffusion_steps)
+    opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    diffusion = create_diffusion("", noise_schedule=str(to_plain(cfg.diffusion)["noise_schedule"]),
+                                 learn_sigma=cfg.diffusion.learn_sigma, diffusion_steps=cfg.diffusion.diffusion_steps)
+    teacher = None
+    if cfg.distill.teacher:
+        from diffusion.distill import load_teacher
 
-    teacher, distill_cfg = None, cfg.get("distill")
-    if distill_cfg is not None and distill_cfg.get("teacher"):
-        from diffusion.distill import hybrid_distillation_loss, load_teacher
+        teacher = load_teacher(cfg.distill.teacher).to(device)
 
-        teacher = load_teacher(distill_cfg.teacher).to(device)
-
-    config_record = {"backbone_name": cfg.backbone.name, "backbone_kwargs": kwargs,
-                     "train": OmegaConf.to_container(cfg, resolve=True)}
+    history: list = []
     step = 0
     if resume_ckpt is not None:
-        if resume_ckpt["config"]["backbone_kwargs"] != kwargs or \
-                resume_ckpt["config"]["backbone_name"] != cfg.backbone.name:
-            raise ValueError(f"resume: the checkpoint in {run_dir} was trained with backbone "
-                             f"{resume_ckpt['config']['backbone_name']} {resume_ckpt['config']['backbone_kwargs']}, "
-                             f"not {cfg.backbone.name} {kwargs}; resume with the run's own config")
         model.load_state_dict(resume_ckpt["model"])
         ema.load_state_dict(resume_ckpt["ema"])
         opt.load_state_dict(resume_ckpt["opt"])
+        for group, wd in zip(opt.param_groups, (cfg.train.weight_decay, 0.0)):  # a changed recipe really applies
+            group["lr"], group["weight_decay"] = cfg.train.lr, wd
         step = int(resume_ckpt["step"])
-        _set_rng_state(resume_ckpt["rng"])
-        log.info("resumed %s at step %d", run_dir, step)
+        history = list(resume_ckpt["config"].get("history") or [])
+        created = False
+        log.info("resumed %s at step %d%s", run_dir, step,
+                 f" with changes {changes}" if changes else "")
     else:
         ema.load_state_dict(model.state_dict())
+        stem = f"{cfg.backbone.name}-{time.strftime('%Y%m%d-%H%M%S')}-{key.rsplit('-', 1)[1][:6]}"
+        run_dir = claim_new_run_dir(cfg.run_dir, Path("runs") / cfg.dataset.name, stem)
+        created = True
+    history.append({"session": len(history) + 1, "started": now_text(), "start_step": step, "end_step": step,
+                    "target_steps": int(cfg.train.steps), "git_commit": git_commit(), "device": device_name(device),
+                    "torch": str(torch.__version__), "changes": {k: list(v) for k, v in changes.items()}})
+    return Run(cfg=cfg, run_dir=run_dir, device=device, dataset=dataset, model=model, ema=ema, opt=opt,
+               diffusion=diffusion, teacher=teacher, kwargs=kwargs, identity=identity, key=key, step=step,
+               history=history, created_dir=created, checkpoint_written=resume_ckpt is not None)
 
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    log_path = run_dir / "log.csv"
-    # Drop rows logged after the checkpoint we resume from, so the log never holds a step twice.
-    previous = _read_log(log_path, step)
-    atomic_write_text(log_path, ",".join(LOG_COLUMNS) + "\n" +
-                      "".join(",".join(str(r[c]) for c in LOG_COLUMNS) + "\n" for r in previous))
 
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s %s: %.3fM params, dataset %s %s, device %s", cfg.backbone.name, model.arch, n_params / 1e6,
-             dataset.name, tuple(dataset.images.shape[1:]), device)
+def save_checkpoint(run: Run) -> None:
+    run.session["end_step"] = run.step
+    atomic_torch_save({"model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
+                       "step": run.step, "config": run.checkpoint_config()},
+                      run.run_dir / "checkpoints" / "last.pt")
+    run.checkpoint_written = True
+    atomic_write_text(run.run_dir / "history.yaml", yaml.safe_dump(run.history, sort_keys=False))
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and tc.precision in ("auto", "bf16"))
 
-    def save(at_step: int) -> None:
-        atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                           "step": at_step, "rng": _rng_state(), "config": config_record},
-                          run_dir / "checkpoints" / "last.pt")
+def train_step(run: Run) -> dict[str, float]:
+    """One optimisation step at ``run.step`` (then incremented); returns the logged metrics."""
+    cfg, tc, model = run.cfg, run.cfg.train, run.model
+    x, y = run.dataset.batch(run.step, tc.batch_size, cfg.seed)
+    seed = step_seed(cfg.seed, run.step)
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, run.diffusion.num_timesteps, (x.shape[0],), generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    y = drop_labels(y, tc.class_dropout_prob, model.num_classes, generator=gen)  # once, for model and teacher
+    torch.manual_seed(seed)  # randomness inside the model (drop-path)
+    x, y, t, noise = (v.to(run.device, non_blocking=True) for v in (x, y, t, noise))
+    precision = run.identity["train"]["precision"]
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        terms = model.training_losses(run.diffusion, x, t, y, noise)
+        loss = terms["loss"]
+        distill = None
+        if run.teacher is not None:
+            from diffusion.distill import hybrid_distillation_loss
 
+            with torch.no_grad():
+                teacher_out = run.teacher(terms["x_t"], t, y)
+            distill = hybrid_distillation_loss(terms["model_output"], teacher_out, model.in_channels,
+                                               cfg.distill.lambda_eps, cfg.distill.lambda_var)
+            loss = loss + distill
+        loss = loss.mean()
+    if not torch.isfinite(loss):
+        raise DivergenceError(_divergence_message(run, f"non-finite loss {loss.item()}"))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
+    if not math.isfinite(grad_norm):
+        raise DivergenceError(_divergence_message(run, "non-finite gradient norm"))
+    run.opt.step()
+    update_ema(run.ema, model, ema_decay_at(run.step, tc.ema_decay, tc.ema_warmup))
+    run.step += 1
+    zero = loss.new_zeros(())
+    aux = terms.get("aux")
+    values = torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(),
+                          aux.detach().mean() if aux is not None else zero,
+                          distill.detach().mean() if distill is not None else zero]).tolist()  # one host sync
+    return dict(zip(("loss", "mse", "vb", "aux", "distill"), values), grad_norm=grad_norm)
+
+
+def _divergence_message(run: Run, what: str) -> str:
+    where = (f"the last good checkpoint in {run.run_dir / 'checkpoints'} (step {run.session['end_step']}) is intact"
+             if run.checkpoint_written else
+             f"no checkpoint had been written yet (the first is at step {run.cfg.train.ckpt_every})")
+    return (f"{what} at step {run.step + 1} of {run.cfg.backbone.name}; {where}; lower train.lr or set "
+            f"train.grad_clip")
+
+
+@contextlib.contextmanager
+def _graceful_interrupt() -> Any:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one interrupts at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train one backbone as configured (see ``diffusion.config.RunConfig``). Returns a summary dict.
+
+    ``on_step(step, metrics)`` is called after every optimisation step (progress hooks, tests).
+    """
+    t_start = time.time()
+    run = build_run(cfg)
+    try:
+        with run_lock(run.run_dir):
+            return _train_session(run, on_step, t_start)
+    except BaseException:
+        if run.created_dir and not run.checkpoint_written:  # nothing worth keeping: leave no empty run directory
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        raise
+
+
+def _train_session(run: Run, on_step: Callable[[int, dict], None] | None, t_start: float) -> dict:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=tc.steps, initial=step, desc=f"train {cfg.backbone.name}", dynamic_ncols=True,
-               disable=not cfg.get("progress", True))
-    model.train()
-    losses: list[float] = [float(r["loss"]) for r in previous]
-    window_start, window_images = time.time(), 0
-    img_per_s = float("nan")
-    throughputs: list[float] = []
-    with open(log_path, "a", newline="") as log_file:
-        writer = csv.writer(log_file)
-        while step < tc.steps:
-            x, y = dataset.batch(step, tc.batch_size, cfg.seed)
-            x, y = x.to(device), y.to(device)
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            noise = torch.randn_like(x)
-            label_ctx = contextlib.nullcontext()
-            if teacher is not None:  # drop labels once here so the teacher sees exactly the student's labels
-                y = drop_labels(y, tc.class_dropout_prob, model.num_classes)
-                label_ctx = external_label_dropout()
-            with autocast, label_ctx:
-                terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
-                loss = terms["loss"]
-                aux = model.auxiliary_loss(noise)
-                if aux is not None:
-                    loss = loss + aux
-                distill = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_out = teacher(terms["x_t"], t, y)
-                    distill = hybrid_distillation_loss(terms["model_output"], teacher_out, model.in_channels,
-                                                       distill_cfg.lambda_eps, distill_cfg.lambda_var)
-                    loss = loss + distill
-                loss = loss.mean()
-            if not torch.isfinite(loss):
-                bar.close()
-                raise DivergenceError(f"non-finite loss {loss.item()} at step {step + 1} of {cfg.backbone.name}; "
-                                      f"the last good checkpoint in {run_dir / 'checkpoints'} is intact; lower "
-                                      f"train.lr or set train.grad_clip")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = tc.grad_clip if tc.grad_clip else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            if not math.isfinite(grad_norm):
-                bar.close()
-                raise DivergenceError(f"non-finite gradient norm at step {step + 1} of {cfg.backbone.name}; the "
-                                      f"last good checkpoint in {run_dir / 'checkpoints'} is intact")
-            opt.step()
-            update_ema(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-            step += 1
-            window_images += x.shape[0]
-            zero = loss.new_zeros(())
-            values = torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(),
-                                  aux.detach().mean() if aux is not None else zero,
-                                  distill.detach().mean() if distill is not None else zero]).tolist()  # one sync
-            metrics = dict(zip(("loss", "mse", "vb", "aux", "distill"), values), grad_norm=grad_norm)
-            losses.append(metrics["loss"])
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.time()
-                img_per_s = window_images / max(now - window_start, 1e-9)
-                window_start, window_images = now, 0
-                throughputs.append(img_per_s)
-                log_file.flush()
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{img_per_s:.0f}")
-            writer.writerow([step] + [f"{metrics[c]:.6g}" for c in LOG_COLUMNS[1:7]] +
-                            [f"{img_per_s:.2f}", f"{time.time() - t_start:.1f}"])
-            bar.update(1)
-            if step % tc.ckpt_every == 0 or step == tc.steps:
-                log_file.flush()
-                save(step)
-            if on_step is not None:
-                on_step(step, metrics)
-    bar.close()
-    if not (run_dir / "checkpoints" / "last.pt").exists():  # e.g. train.steps=0: keep the (inherited) init
-        save(step)
+    cfg, tc = run.cfg, run.cfg.train
+    atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
+    log_path = run.run_dir / "log.csv"
+    previous = read_log(log_path, run.step)  # rows after the checkpoint and torn rows are dropped
+    atomic_write_text(log_path, ",".join(LOG_COLUMNS) + "\n" +
+                      "".join(",".join(str(r[c]) for c in LOG_COLUMNS) + "\n" for r in previous))
+    session = run.session["session"]
+    n_params = count_parameters(run.model)
+    log.info("%s %s: %.3fM params, dataset %s %s, device %s, run %s (key %s)", cfg.backbone.name, run.model.arch,
+             n_params / 1e6, run.dataset.name, tuple(run.dataset.images.shape[1:]), run.device, run.run_dir, run.key)
 
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": step, "params": n_params,
-                               "final_loss": losses[-1] if losses else float("nan"),
-                               "train_img_per_s": _median_throughput(throughputs),
+    bar = tqdm(total=tc.steps, initial=run.step, desc=f"train {cfg.backbone.name}", dynamic_ncols=True,
+               disable=not cfg.progress)
+    run.model.train()
+    rows: list[dict] = []
+    window_start, window_images, first_window = time.time(), 0, True
+    metrics: dict = {}
+    with PeakMemory(run.device) as mem, _graceful_interrupt() as stop, open(log_path, "a", newline="") as log_file:
+        try:
+            while run.step < tc.steps:
+                metrics = train_step(run)
+                window_images += tc.batch_size
+                img_per_s = ""
+                if run.step % tc.log_every == 0 or run.step == tc.steps:
+                    if run.device.type == "cuda":
+                        torch.cuda.synchronize(run.device)
+                    now = time.time()
+                    if not first_window:  # the first window of a session is warm-up
+                        img_per_s = f"{window_images / max(now - window_start, 1e-9):.2f}"
+                    first_window, window_start, window_images = False, now, 0
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=img_per_s or "warm-up")
+                row = {"step": run.step, **{c: f"{metrics[c]:.6g}" for c in LOG_COLUMNS[1:7]},
+                       "img_per_s": img_per_s, "elapsed_s": f"{time.time() - t_start:.1f}", "session": session}
+                rows.append(row)
+                log_file.write(",".join(str(row[c]) for c in LOG_COLUMNS) + "\n")
+                bar.update(1)
+                if run.step % tc.ckpt_every == 0 or run.step == tc.steps:
+                    log_file.flush()
+                    save_checkpoint(run)
+                if on_step is not None:
+                    on_step(run.step, metrics)
+                if stop.is_set():
+                    log_file.flush()
+                    save_checkpoint(run)
+                    raise Interrupted(run.step, run.run_dir)
+        finally:
+            bar.close()
+    run.session.update(img_per_s=steady_throughput(rows), peak_mem_mb=mem.peak_mb, finished=now_text())
+    save_checkpoint(run)  # also when no step ran (train.steps reached, or 0: keeps the inherited init)
+
+    summary: dict[str, Any] = {"run_dir": str(run.run_dir), "key": run.key, "steps": run.step, "params": n_params,
+                               "final_loss": metrics.get("loss", float(previous[-1]["loss"]) if previous else
+                                                         float("nan")),
+                               "train_img_per_s": run.session["img_per_s"], "peak_mem_mb": mem.peak_mb,
                                "wall_time_s": time.time() - t_start}
-    sc = cfg.get("sample")
-    if sc is not None and sc.get("per_class", 0) > 0:
-        labels = class_grid_labels(dataset.num_classes, sc.per_class)
-        sampled = ema if sc.use_ema else model
-        images = sample_images(sampled, labels, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale,
-                               seed=sc.seed, noise_schedule=cfg.diffusion.noise_schedule,
-                               diffusion_steps=cfg.diffusion.diffusion_steps, device=device,
-                               progress=cfg.get("progress", True), clip_denoised=sc.get("clip_denoised", True))
-        save_grid(images, run_dir / "samples.png", ncol=min(dataset.num_classes, 10), upscale=sc.get("upscale", 1))
-        save_npz(images, labels, run_dir / "samples.npz")
-        summary["samples"] = str(run_dir / "samples.png")
+    if cfg.sample.per_class > 0:
+        summary["samples"] = str(draw_samples(run))
     return summary
 
 
-def _median_throughput(values: list[float]) -> float:
-    """Median img/s over the logging windows of this session, the first (warm-up) window skipped."""
-    values = sorted(values[1:] if len(values) > 2 else values)
-    return values[len(values) // 2] if values else float("nan")
+def draw_samples(run: Run) -> Path:
+    """The end-of-training grid (one column per class, named) and its .npz, from the EMA (or raw) model."""
+    from diffusion.sampling import class_grid_labels, sample_images, save_grid, save_npz
+
+    sc = run.cfg.sample
+    labels = class_grid_labels(run.dataset.num_classes, sc.per_class)
+    images = sample_images(run.ema if sc.use_ema else run.model, labels, sampler=to_plain(sc)["sampler"],
+                           steps=sc.steps, cfg_scale=sc.cfg_scale, seed=sc.seed,
+                           noise_schedule=to_plain(run.cfg.diffusion)["noise_schedule"],
+                           diffusion_steps=run.cfg.diffusion.diffusion_steps, device=run.device,
+                           progress=run.cfg.progress, clip_denoised=sc.clip_denoised)
+    ncol = min(run.dataset.num_classes, 10)
+    path = save_grid(images, run.run_dir / "samples.png", ncol=ncol, class_names=run.dataset.class_names[:ncol])
+    save_npz(images, labels, run.run_dir / "samples.npz")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs for resume
+# ----------------------------------------------------------------------------------------------------------------
+def resume_config(resume: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
+    """The run's own config (its config.yaml) with ``overrides`` applied: what ``resume=<dir>`` means.
+
+    Overrides are Hydra override strings (``train.steps=2000``, ``allow_changes=[train.lr]``, ``train.lr=1e-4``,
+    ``backbone=lit`` for a group); the identity check in :func:`build_run` refuses recipe changes not listed in
+    ``allow_changes``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from diffusion.config import CONF_DIR, RunConfig, plain_error
+
+    path = Path(resume)
+    run_dir = path if path.is_dir() else path.parent.parent
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"resume={resume}: {saved_path} not found; pass the directory of a run written by "
+                                f"diffusion.train")
+    saved = OmegaConf.load(saved_path)
+    for k in ("eval", "sweep", "results_dir", "runs_root", "cache_dir"):  # a sweep point's extra sections
+        saved.pop(k, None)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), saved)
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        for ov in parsed:
+            key = ov.key_or_group.lstrip("+~")
+            if key == "resume" or key.startswith("hydra"):
+                continue
+            value = ov.value()
+            if key in ("backbone", "dataset") and isinstance(value, str):  # a config-group choice
+                group = OmegaConf.load(CONF_DIR / key / f"{value}.yaml")
+                group.pop("defaults", None)
+                cfg[key] = group
+            else:
+                OmegaConf.update(cfg, key, value, merge=True)
+    except Exception as e:
+        raise ConfigError(plain_error(e)) from None
+    cfg.resume = str(run_dir)
+    cfg.run_dir = str(run_dir)
+    return cfg
+

@@ -96,11 +96,12 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _is_disk_full(err: BaseException) -> bool:
+def _is_disk_full(err: BaseException, folder: Path) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    # torch.save reports a failed write from its C++ zip writer as "enforce fail at inline_container.cc"
-    return isinstance(err, RuntimeError) and "inline_container" in str(err) and "write" in str(err).lower()
+    # torch.save reports a failed write of its C++ zip writer only as "enforce fail at inline_container.cc"
+    return (isinstance(err, RuntimeError) and "inline_container" in str(err)
+            and shutil.disk_usage(folder).free < 64 * 2**20)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = True) -> Path:
@@ -122,7 +123,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if _is_disk_full(e):
+        if _is_disk_full(e, path.parent):
             free = shutil.disk_usage(path.parent).free / 2**20
             raise DiskFullError(errno.ENOSPC, f"disk full while writing {path} ({free:.0f} MB free on its "
                                 f"filesystem); {path.name} was left unchanged. Free some space (old runs under "

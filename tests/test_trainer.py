@@ -49,7 +49,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
 def test_checkpoint_contents_and_rebuild(tmp_path):
     summary = train(train_config(tmp_path, TINY_DIT + ["sample.per_class=1", "sample.steps=5"]))
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert set(ckpt) == {"model", "ema", "opt", "step", "rng", "config"}
+    assert set(ckpt) == {"model", "ema", "opt", "step", "config"}
+    assert {"key", "identity", "history", "backbone_name", "backbone_kwargs"} <= set(ckpt["config"])
     assert ckpt["step"] == 4 and ckpt["config"]["backbone_name"] == "dit"
     model = build_from_checkpoint(ckpt)
     assert isinstance(model, DiT) and model.input_size == 8 and model.in_channels == 1
@@ -61,6 +62,7 @@ def test_checkpoint_contents_and_rebuild(tmp_path):
     assert arr["arr_0"].shape == (10, 8, 8, 1) and arr["arr_0"].dtype == np.uint8
     assert list(arr["labels"]) == list(range(10))
     assert (tmp_path / "samples.png").stat().st_size > 0
+    assert (tmp_path / "history.yaml").exists()
 
 
 def test_ema_update_and_warmup_decay():
@@ -105,7 +107,7 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_resume_with_other_backbone_config_is_refused(tmp_path):
     train(train_config(tmp_path, TINY_DIT + ["train.steps=2"]))
-    with pytest.raises(ValueError, match="resume with the run's own config"):
+    with pytest.raises(ValueError, match=r"backbone.depth: 2 -> 3.*backbone.hidden_size: 64 -> 64|backbone.depth: 2 -> 3"):
         train(train_config(tmp_path, ["backbone=dit", "backbone.depth=3", "backbone.hidden_size=64",
                                       "backbone.num_heads=4", f"resume={tmp_path}"]))
 

@@ -1,0 +1,84 @@
+"""Where a run executes and what produced it: device choice, git provenance, peak memory of a block."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` = CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def git_commit() -> str:
+    """Short commit of the code that runs, with ``-dirty`` when tracked files differ from it ("unknown" outside
+    a git checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=_REPO, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        if not commit:
+            return "unknown"
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except Exception:
+        return "unknown"
+
+
+class PeakMemory:
+    """Peak memory of a block: on CUDA the allocator's ``max_memory_allocated``; on the CPU (which has no
+    allocator statistics) the peak growth of the process's resident set above its level at entry, sampled every
+    20 ms from /proc/self/statm. Enter it after the dataset and model are in memory so that it measures the
+    training step (activations, gradients, optimizer state), not the data."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = float("nan")
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base = self._rss_mb()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self._peak = max(self._peak, self._rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, self._rss_mb()) - self._base
