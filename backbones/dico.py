@@ -34,7 +34,6 @@ from .layers import (
     LabelEmbedder,
     TimestepEmbedder,
     adaln_modulation,
-    drop_labels,
     init_embedders,
     init_patch_embed,
     resolve_preset,
@@ -156,8 +155,6 @@ class DiCo(DiffusionBackbone):
     per-level depths) and ``mlp_ratio`` override it. No patch size: size, depth and width are the sweep axes."""
 
     presets = DICO_PRESETS
-    sweep_axes = ("size", "depth", "width")
-    smoke_kwargs = dict(size="S", hidden_size=16, depth=5)
 
     def __init__(self, size: str = "XL", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1,
@@ -181,8 +178,6 @@ class DiCo(DiffusionBackbone):
             raise ValueError(f"DiCo depth must be a total block count or five per-level depths [enc1, enc2, middle, "
                              f"dec2, dec1], got {cfg['depth']}")
         self.set_data_shape(input_size, in_channels, num_classes, learn_sigma)
-        self.class_dropout_prob = class_dropout_prob
-        self.depths = depths
         self.arch = dict(size=size, patch=None, depth=sum(depths), width=C, depths=list(depths),
                          mlp_ratio=cfg["mlp_ratio"])
 
@@ -236,11 +231,9 @@ class DiCo(DiffusionBackbone):
         if x.ndim != 4 or x.shape[-2] % DOWNSAMPLING or x.shape[-1] % DOWNSAMPLING:
             raise ValueError(f"DiCo needs (B, C, H, W) input with H and W divisible by {DOWNSAMPLING}, got shape "
                              f"{tuple(x.shape)}; pad the input (e.g. 30x30 -> 32x32)")
-        if self.training and self.class_dropout_prob > 0:  # one dropout draw shared by the three label tables
-            y = drop_labels(y, self.class_dropout_prob, self.num_classes)
-        c1 = self.t_embedder_1(t) + self.y_embedder_1(y, False)
-        c2 = self.t_embedder_2(t) + self.y_embedder_2(y, False)
-        c3 = self.t_embedder_3(t) + self.y_embedder_3(y, False)
+        c1 = self.t_embedder_1(t) + self.y_embedder_1(y)
+        c2 = self.t_embedder_2(t) + self.y_embedder_2(y)
+        c3 = self.t_embedder_3(t) + self.y_embedder_3(y)
 
         enc1 = self.x_embedder(x.contiguous(memory_format=self.memory_format))
         for block in self.encoder_level_1:

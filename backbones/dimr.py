@@ -12,7 +12,7 @@ Follows the official qihao067/DiMR ``libs/core/blocks.py`` (``MRModel``/``Stage`
   branch applies TD-LayerNorm -> Linear pixel-shuffle x2 -> TD-LayerNorm and adds the result to its embedded
   input. Gradients flow into the lower branch (official ``block_grad_to_lowres=False``).
 * Every branch ends in TD-LayerNorm -> Conv3x3 predicting epsilon at its own resolution; ``forward`` returns the
-  highest-resolution prediction; the lower ones feed :meth:`DiMR.auxiliary_loss` (the multi-scale loss).
+  highest-resolution prediction; :meth:`DiMR.training_losses` uses all of them (the multi-scale loss).
 * Time enters only through the time-dependent norms (``TDRMSNorm`` pre-norms in the blocks, ``TDLayerNorm`` in
   the cascade and heads; see backbones/layers.py). There is no timestep embedding or MLP anywhere.
 
@@ -42,12 +42,15 @@ pixel); ``arch['depth']``/``['width']``/``['heads']`` describe the Transformer b
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+if TYPE_CHECKING:
+    from diffusion.gaussian_diffusion import GaussianDiffusion
 
 from . import register
 from .layers import (
@@ -196,7 +199,7 @@ class DiMRBranch(nn.Module):
             x = x.reshape(B, g * g, -1)
         n_ctx = 0
         if self.y_embedder is not None:
-            x = torch.cat([self.y_embedder(y, self.training).unsqueeze(1).to(x.dtype), x], dim=1)
+            x = torch.cat([self.y_embedder(y).unsqueeze(1).to(x.dtype), x], dim=1)
             n_ctx = 1
         cascade, skips = [x], []
         half = len(self.blocks) // 2
@@ -218,19 +221,6 @@ class DiMRBranch(nn.Module):
         return out, torch.cat([c[:, n_ctx:].reshape(B, g, g, -1) for c in cascade], dim=-1)
 
 
-class _Transient:
-    """Holds per-forward tensors; copies and pickles as empty so deepcopy (EMA) and torch.save never see them."""
-
-    def __init__(self) -> None:
-        self.value: list[tuple[int, torch.Tensor]] | None = None
-
-    def __deepcopy__(self, memo: dict) -> "_Transient":
-        return _Transient()
-
-    def __getstate__(self) -> dict:
-        return {"value": None}
-
-
 @register("dimr")
 class DiMR(DiffusionBackbone):
     """DiMR multi-resolution cascade. ``size`` in S/2R, B/2R, XL/2R, G/2R (2R) or S/3R, B/3R, XL/3R (ours).
@@ -241,8 +231,6 @@ class DiMR(DiffusionBackbone):
     """
 
     presets = DIMR_PRESETS
-    sweep_axes = ("size", "depth", "hidden_size")
-    smoke_kwargs = dict(size="S/2R", depth=3, hidden_size=32, num_heads=2)  # ~55k params on digits
 
     def __init__(self, size: str = "XL/2R", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, depth: int | None = None,
@@ -282,7 +270,6 @@ class DiMR(DiffusionBackbone):
         self.set_grad_checkpointing(grad_checkpoint)
         top = self.branches[0]
         self.arch = dict(size=size, patch=1, depth=len(top.blocks), width=D, heads=cfg["num_heads"], branches=R)
-        self._lowres_preds = _Transient()
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -317,8 +304,8 @@ class DiMR(DiffusionBackbone):
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must hold one timestep per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
         time = td_time_condition(t)
-        # Class-label dropout once (in the Transformer branch's LabelEmbedder); ConvNeXt branches see the class only
-        # through the cascade, as official.
+        # Labels arrive already dropped (trainer). Only the Transformer branch embeds them (class token); ConvNeXt
+        # branches see the class through the cascade, as official.
         outputs, lowres = [], None
         for k, branch in enumerate(self.branches):
             last = k == len(self.branches) - 1
@@ -327,33 +314,39 @@ class DiMR(DiffusionBackbone):
         return outputs
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Highest-resolution epsilon (plus variance channels when learn_sigma). In training mode the lower-branch
-        predictions of THIS call are kept for :meth:`auxiliary_loss`; every call clears the previous ones."""
-        self._lowres_preds.value = None
-        outputs = self.forward_all(x, t, y, lowres_heads=self.training)
-        if self.training:
-            R = self.num_branches
-            self._lowres_preds.value = [(R - 1 - k, out) for k, out in enumerate(outputs[:-1])]
-        return outputs[-1]
+        """Highest-resolution epsilon (plus variance channels when learn_sigma); the lower heads are skipped."""
+        return self.forward_all(x, t, y, lowres_heads=False)[-1]
 
-    def auxiliary_loss(self, noise: torch.Tensor) -> torch.Tensor | None:
-        """Lower-branch part of DiMR's multi-scale loss for the last training forward, per sample (B,).
+    def training_losses(self, diffusion: GaussianDiffusion, x_start: torch.Tensor, t: torch.Tensor,
+                        y: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DiMR's multi-scale loss from ONE cascade pass: the diffusion's terms on the highest-resolution output
+        plus ``aux``, the lower-branch part per sample (B,), which is also added into ``loss``.
 
         Official loss = sum over ALL branches l of coeff_l * mean((eps_hat_l - target_l)^2), target_l =
         avg_pool(noise, 2^l) * 2^l (unit variance; l = 0 is the highest resolution, target = noise) and coeffs
-        [1/4, 1] for 2R. The l = 0 term (coeff 1) is the trainer's own epsilon MSE on ``forward``'s output, so this
-        returns only the l >= 1 terms. None after an eval-mode forward (nothing stored).
+        [1/4, 1] for 2R. The l = 0 term (coeff 1) is the diffusion's own epsilon MSE on the top output (plus its
+        vb term with learn_sigma), so ``aux`` holds only the l >= 1 terms. The other keys (loss, mse, vb,
+        model_output, x_t) are the diffusion's, as in the default hook.
         """
-        preds = self._lowres_preds.value
-        if not preds:
-            return None
-        if noise.shape[0] != preds[0][1].shape[0] or noise.shape[1] != self.in_channels:
-            raise ValueError(f"noise of shape {tuple(noise.shape)} does not match the last forward "
-                             f"(batch {preds[0][1].shape[0]}, {self.in_channels} channels)")
-        loss = noise.new_zeros(noise.shape[0], dtype=torch.float32)
-        for level, pred in preds:
-            r = 2 ** level
+        runs: list[list[torch.Tensor | None]] = []
+
+        def top_output(x_t: torch.Tensor, t_model: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            # The diffusion noises x_start and maps t (respacing) itself; run the whole cascade on exactly that
+            # input and hand back the top head, keeping the lower heads in this call's local list only.
+            outs = self.forward_all(x_t, t_model, y, lowres_heads=True)
+            runs.append(outs)
+            return outs[-1]
+
+        terms = diffusion.training_losses(top_output, x_start, t, dict(y=y), noise=noise)
+        if len(runs) != 1:
+            raise RuntimeError(f"diffusion.training_losses ran the model {len(runs)} times; DiMR's multi-scale loss "
+                               f"needs exactly one pass whose lower heads match the main output")
+        R = self.num_branches
+        aux = noise.new_zeros(noise.shape[0], dtype=torch.float32)
+        for k, pred in enumerate(runs[0][:-1]):
+            r = 2 ** (R - 1 - k)  # branch k (lowest first) predicts at input / 2^(R-1-k)
             target = F.avg_pool2d(noise.float(), r) * r
-            coeff = self.loss_coeffs[self.num_branches - 1 - level]
-            loss = loss + coeff * (pred.float() - target).pow(2).flatten(1).mean(1)
-        return loss
+            aux = aux + self.loss_coeffs[k] * (pred.float() - target).pow(2).flatten(1).mean(1)
+        terms["aux"] = aux
+        terms["loss"] = terms["loss"] + aux
+        return terms

@@ -1,7 +1,9 @@
 """DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, ICCV 2023).
 
 Faithful to facebookresearch/DiT models.py: same modules, parameter names, initialisation and forward, so an
-official checkpoint loads unchanged with :func:`load_official_checkpoint`.
+official checkpoint loads unchanged with :func:`load_official_checkpoint`. Except: in training mode the
+official ``LabelEmbedder`` drops labels itself; here the trainer drops them once per batch before the forward
+(``backbones.layers.drop_labels``), so the forward is deterministic in both modes.
 """
 
 from __future__ import annotations
@@ -64,8 +66,6 @@ class DiT(DiffusionBackbone):
     """Diffusion Transformer. ``size`` in S/B/L/XL; ``depth``, ``hidden_size``, ``num_heads`` override it."""
 
     presets = DIT_PRESETS
-    sweep_axes = ("size", "patch_size")
-    smoke_kwargs = dict(size="S", depth=2, hidden_size=64, num_heads=4)
 
     def __init__(self, size: str = "XL", patch_size: int = 2, input_size: int = 32, in_channels: int = 4,
                  num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
@@ -106,7 +106,7 @@ class DiT(DiffusionBackbone):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)

@@ -1,19 +1,22 @@
 """Layers shared by every backbone: embedders, patchify, positional embeddings, adaLN, attention, base class.
 
 Module and parameter names follow the official DiT code (facebookresearch/DiT, models.py) so that official
-state_dicts load unchanged into any backbone built from these pieces.
+state_dicts load unchanged into any backbone built from these pieces. One behavioural deviation: classifier-free
+label dropout is the trainer's job (:func:`drop_labels`, once per batch), never done inside a backbone forward.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from diffusion.gaussian_diffusion import GaussianDiffusion
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,50 +55,41 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
-_label_dropout_external = False
-
-
-@contextlib.contextmanager
-def external_label_dropout():
-    """Inside this context backbones do not drop labels themselves: the caller already did (with
-    :func:`drop_labels`), e.g. the trainer when a distillation teacher must see the student's exact labels."""
-    global _label_dropout_external
-    previous, _label_dropout_external = _label_dropout_external, True
-    try:
-        yield
-    finally:
-        _label_dropout_external = previous
-
-
 def drop_labels(labels: torch.Tensor, dropout_prob: float, null_class: int,
-                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+                force_drop_ids: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Classifier-free-guidance label dropout: replace labels by ``null_class`` with probability ``dropout_prob``.
 
-    Backbones with several label tables call this once and feed the same dropped labels to every table. Inside
-    :func:`external_label_dropout` only ``force_drop_ids`` applies.
+    The trainer calls this once per batch, before the model and any distillation teacher, so every label table
+    of a backbone and the teacher see the same labels; no backbone forward drops labels itself. The mask is drawn
+    on the CPU (from ``generator`` when given) and then moved to ``labels.device``, so a seed gives the same
+    mask on every device. ``force_drop_ids`` (1 = drop) replaces the random draw.
     """
-    if force_drop_ids is None and _label_dropout_external:
-        return labels
     if force_drop_ids is None:
-        drop_ids = torch.rand(labels.shape[0], device=labels.device) < dropout_prob
+        drop_ids = torch.rand(labels.shape[0], generator=generator) < dropout_prob
     else:
         drop_ids = force_drop_ids == 1
+    drop_ids = drop_ids.to(labels.device)
     return torch.where(drop_ids, torch.full_like(labels, null_class), labels)
 
 
 class LabelEmbedder(nn.Module):
-    """Class-label table; the extra row ``num_classes`` is the CFG null class (present when dropout_prob > 0)."""
+    """Class-label table; the extra row ``num_classes`` is the CFG null class (present when dropout_prob > 0).
+
+    Unlike official DiT, ``forward`` never drops labels at random: the trainer does it once per batch with
+    :func:`drop_labels`. ``dropout_prob`` only decides whether the null row exists (official table size, so
+    official state_dicts load unchanged).
+    """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
         use_cfg_embedding = dropout_prob > 0
         self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
 
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = drop_labels(labels, self.dropout_prob, self.num_classes, force_drop_ids)
+    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is not None:
+            labels = drop_labels(labels, 0.0, self.num_classes, force_drop_ids)
         return self.embedding_table(labels)
 
 
@@ -277,9 +271,6 @@ class DiffusionBackbone(nn.Module):
     learn_sigma: bool
     input_size: int
     arch: dict
-    # Constructor overrides for a tiny instance (a few thousand to ~100k parameters) used by the registry-wide
-    # training smoke tests; every backbone sets it.
-    smoke_kwargs: dict = {}
 
     def set_data_shape(self, input_size: int, in_channels: int, num_classes: int, learn_sigma: bool) -> None:
         """Record the data interface; ``out_channels`` doubles with a learned variance (epsilon + v)."""
@@ -306,13 +297,15 @@ class DiffusionBackbone(nn.Module):
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
 
-    def auxiliary_loss(self, noise: torch.Tensor) -> torch.Tensor | None:
-        """Extra per-sample training loss (B,) from the last forward pass, added by the trainer.
+    def training_losses(self, diffusion: GaussianDiffusion, x_start: torch.Tensor, t: torch.Tensor,
+                        y: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample (B,) training terms for one step; the trainer minimises ``terms["loss"].mean()``.
 
-        The general hook for backbones with auxiliary outputs (e.g. DiMR's multi-scale epsilon loss); the
-        default adds nothing.
+        ``y`` holds labels the trainer already dropped (:func:`drop_labels`). The default is the diffusion's own
+        loss (keys loss, mse, vb, plus model_output and x_t for distillation). Backbones with auxiliary outputs
+        override it, keep those keys and add their extra per-sample terms into ``loss`` (e.g. DiMR's ``aux``).
         """
-        return None
+        return diffusion.training_losses(self, x_start, t, dict(y=y), noise=noise)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (timm convention)."""

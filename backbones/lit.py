@@ -113,7 +113,6 @@ class LiT(DiT):
     """
 
     presets = LIT_PRESETS
-    sweep_axes = ("size", "patch_size")
 
     def __init__(self, size: str = "XL", patch_size: int = 2, input_size: int = 32, in_channels: int = 4,
                  num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1,

@@ -106,14 +106,13 @@ class SpatialMix(nn.Module):
     """Bi-WKV token mixer: q_shift interpolation, k/v/r projections, Bi-WKV, sigmoid(r) gate, output projection."""
 
     def __init__(self, dim: int, n_layer: int, layer_id: int, grid_size: tuple[int, int], shift_pixel: int = 1,
-                 channel_gamma: float = 0.25, impl: str = "auto"):
+                 channel_gamma: float = 0.25):
         super().__init__()
         if channel_gamma > 0.25:
             raise ValueError(f"channel_gamma must be <= 1/4 (four shifted groups), got {channel_gamma}")
         self.grid_size = tuple(grid_size)
         self.shift_pixel = shift_pixel
         self.channel_gamma = channel_gamma
-        self.impl = impl
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, dim, bias=False)
         self.receptance = nn.Linear(dim, dim, bias=False)
@@ -138,7 +137,7 @@ class SpatialMix(nn.Module):
         else:
             xk = xv = xr = x
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
-        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v, impl=self.impl)
+        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         return self.output(torch.sigmoid(r) * y)
 
 
@@ -205,8 +204,6 @@ class DiffusionRWKV(DiffusionBackbone):
     builds the unconditional model (no label table, y ignored)."""
 
     presets = DRWKV_PRESETS
-    sweep_axes = ("size", "patch_size")
-    smoke_kwargs = dict(size="S", depth=3, hidden_size=32)
 
     def __init__(self, size: str = "H", patch_size: int = 2, input_size: int = 32, in_channels: int = 4,
                  num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
@@ -268,7 +265,7 @@ class DiffusionRWKV(DiffusionBackbone):
         x = self.patch_embed(x) + self.pos_embed
         c = self.time_embed(t)
         if self.label_emb is not None:
-            c = c + self.label_emb(y, self.training)
+            c = c + self.label_emb(y)
         skips = []
         for blk in self.in_blocks:
             x = blk(x, c)

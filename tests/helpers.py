@@ -10,6 +10,16 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 TINY_DIT = ["backbone=dit", "backbone.depth=2", "backbone.hidden_size=64", "backbone.num_heads=4"]
 
+# Constructor overrides for a tiny instance of every registered backbone (a few thousand to ~100k parameters),
+# used by the registry-wide training smoke tests.
+SMOKE_KWARGS = {
+    "dit": dict(size="S", depth=2, hidden_size=64, num_heads=4),
+    "lit": dict(size="S", depth=2, hidden_size=64, num_heads=4),
+    "rwkv": dict(size="S", depth=3, hidden_size=32),
+    "dico": dict(size="S", hidden_size=16, depth=5),
+    "dimr": dict(size="S/2R", depth=3, hidden_size=32, num_heads=2),  # ~55k params on digits
+}
+
 
 def train_config(run_dir, overrides: list[str] = (), backbone: dict | None = None):
     """conf/train.yaml with test-friendly defaults (digits, few steps, no progress bar, no end samples);

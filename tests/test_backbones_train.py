@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import train_config
+from helpers import SMOKE_KWARGS, train_config
 
 import backbones
 from bench.flops import forward_gmacs
@@ -13,8 +13,8 @@ NAMES = [n for n in backbones.available() if not n.startswith("test_")]
 
 
 def tiny(name):
-    kw = backbones.get(name).smoke_kwargs
-    assert kw, f"backbone {name} must define smoke_kwargs (a tiny configuration for tests)"
+    kw = SMOKE_KWARGS.get(name)
+    assert kw, f"add a tiny configuration for backbone {name} to tests/helpers.py SMOKE_KWARGS"
     return {"name": name, **kw}
 
 

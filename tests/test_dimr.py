@@ -11,8 +11,9 @@ import torch
 
 from backbones import available, build
 from backbones.dimr import CascadeUpsample, DiMR
-from backbones.layers import TDLayerNorm, TDRMSNorm, TimeDependentParameter, td_time_condition
+from backbones.layers import TDLayerNorm, TDRMSNorm, TimeDependentParameter, drop_labels, td_time_condition
 from bench.flops import forward_gmacs, gmacs_by_operator
+from diffusion import create_diffusion
 
 TINY = dict(size="S/2R", depth=3, hidden_size=32, num_heads=2, num_classes=10)  # CPU-fast, same structure
 
@@ -58,7 +59,6 @@ def analytic_gmacs(branches: int, depth: int, D: int, s: int, C: int = 4, c_out:
 # ------------------------------------------------------------------------------------------------------------------
 def test_registered():
     assert "dimr" in available()
-    assert DiMR.sweep_axes == ("size", "depth", "hidden_size")
 
 
 @pytest.mark.parametrize("size, total, b1, b2, up, td", [
@@ -265,38 +265,62 @@ def _hand_aux(lows: list[torch.Tensor], noise: torch.Tensor, coeffs: list[float]
     return total
 
 
-@pytest.mark.parametrize("size, coeffs", [("S/2R", [1 / 4]), ("S/3R", [1 / 16, 1 / 4])])
-def test_auxiliary_loss_against_hand_computation(size, coeffs):
-    m = tiny(size=size, input_size=16, class_dropout_prob=0.0).double().train()
+def _counting_forward_all(m: DiMR) -> list[int]:
+    """Wrap ``m.forward_all`` (instance attribute) so calls are counted; returns the one-element counter."""
+    calls, inner = [0], m.forward_all
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    m.forward_all = counted
+    return calls
+
+
+@pytest.mark.parametrize("size, coeffs, learn_sigma", [("S/2R", [1 / 4], True), ("S/2R", [1 / 4], False),
+                                                       ("S/3R", [1 / 16, 1 / 4], True)])
+def test_training_losses_against_hand_computation(size, coeffs, learn_sigma):
+    m = tiny(size=size, input_size=16, class_dropout_prob=0.0, learn_sigma=learn_sigma).double().train()
+    diffusion = create_diffusion(learn_sigma=learn_sigma)
     x, t, y = _batch(m)
     x = x.double()
-    noise = torch.randn_like(x)
-    m(x, t, y)
-    aux = m.auxiliary_loss(noise)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # Hand computation: noise x, run every branch once, mse + vb on the top head, aux on the lower ones.
+    x_t = diffusion.q_sample(x, t, noise)
     with torch.no_grad():
-        outs = m.forward_all(x, t, y)
-    ref = _hand_aux(outs[:-1], noise, coeffs)  # only the lower branches: the highest is the trainer's main loss
-    assert aux.shape == (3,)
-    torch.testing.assert_close(aux.detach().double(), ref, rtol=1e-6, atol=0)
-    aux.sum().backward()  # differentiable through the lower branches
+        outs = m.forward_all(x_t, t, y)
+    top = outs[-1]
+    mse = ((noise - top[:, :4]) ** 2).reshape(3, -1).mean(1)
+    # vb from the diffusion's own formula on that fixed top output (zero with a fixed variance)
+    vb = diffusion.training_losses(lambda *_, **__: top, x, t, noise=noise)["vb"]
+    assert learn_sigma or torch.equal(vb, torch.zeros(3, dtype=torch.float64))
+    aux = _hand_aux(outs[:-1], noise, coeffs)  # only the lower branches: the highest is the diffusion's mse
+
+    calls = _counting_forward_all(m)
+    terms = m.training_losses(diffusion, x, t, y, noise)
+    assert calls[0] == 1  # one cascade pass per step
+    assert {"loss", "mse", "vb", "aux", "model_output", "x_t"} <= set(terms)
+    assert all(terms[k].shape == (3,) for k in ("loss", "mse", "vb", "aux"))
+    torch.testing.assert_close(terms["x_t"], x_t, rtol=0, atol=0)
+    torch.testing.assert_close(terms["model_output"].detach(), top, rtol=1e-12, atol=0)
+    torch.testing.assert_close(terms["mse"].detach(), mse, rtol=1e-10, atol=0)
+    torch.testing.assert_close(terms["vb"].detach(), vb, rtol=1e-10, atol=0)
+    torch.testing.assert_close(terms["aux"].detach().double(), aux, rtol=1e-6, atol=0)  # aux in float32
+    torch.testing.assert_close(terms["loss"].detach(), mse + vb + aux, rtol=1e-6, atol=0)
+    terms["loss"].sum().backward()  # the lower heads train through the aux term
     assert m.branches[0].final_conv.weight.grad.abs().sum() > 0
 
 
-def test_aux_predictions_never_stale():
+def test_training_losses_keep_no_state_on_the_model():
     m = tiny(class_dropout_prob=0.0).train()
-    x, t, y = _batch(m, B=3)
-    m(x, t, y)
-    assert m.auxiliary_loss(torch.randn_like(x)).shape == (3,)
-    x2, t2, y2 = _batch(m, B=2, seed=1)
-    m(x2, t2, y2)  # a new forward replaces the stored predictions
-    assert m.auxiliary_loss(torch.randn_like(x2)).shape == (2,)
-    with pytest.raises(ValueError, match="does not match"):
-        m.auxiliary_loss(torch.randn_like(x))
-    copy.deepcopy(m)  # EMA copies work with predictions (non-leaf tensors) stored
-    m.eval()
-    with torch.no_grad():
-        m(x, t, y)
-    assert m.auxiliary_loss(torch.randn_like(x)) is None  # eval forward clears and stores nothing
+    diffusion = create_diffusion()
+    before = dict(vars(m))
+    for B, seed in ((3, 0), (2, 1)):
+        x, t, y = _batch(m, B=B, seed=seed)
+        terms = m.training_losses(diffusion, x, t, y, torch.randn_like(x))
+        assert terms["aux"].shape == terms["loss"].shape == (B,)
+    assert dict(vars(m)).keys() == before.keys() and all(vars(m)[k] is v for k, v in before.items())
+    copy.deepcopy(m)  # EMA copies see only parameters and buffers
 
 
 def test_gradients_reach_lowres_branch_from_main_output():
@@ -306,7 +330,7 @@ def test_gradients_reach_lowres_branch_from_main_output():
     low = m.branches[0]
     assert low.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert low.y_embedder.embedding_table.weight.grad.abs().sum() > 0
-    assert low.final_conv.weight.grad is None  # the low head only feeds the auxiliary loss
+    assert low.final_conv.weight.grad is None  # the low head only feeds training_losses' aux term
 
 
 def test_cascade_pixel_shuffle_layout():
@@ -325,7 +349,7 @@ def test_cascade_pixel_shuffle_layout():
     torch.testing.assert_close(up(x, time), up.norm_out(expected, time))
 
 
-def test_class_token_and_label_dropout():
+def test_class_token_and_null_class():
     m = tiny(class_dropout_prob=1.0)
     x, t, y = _batch(m)
     null = torch.full_like(y, m.num_classes)
@@ -334,7 +358,8 @@ def test_class_token_and_label_dropout():
         cond, uncond = m(x, t, y), m(x, t, null)
         assert not torch.allclose(cond, uncond)  # the in-context class token matters
         m.train()
-        dropped = m(x, t, y)  # p = 1: every label replaced by the null class
+        torch.testing.assert_close(m(x, t, y), cond)  # p = 1, yet no dropout inside the forward
+        dropped = m(x, t, drop_labels(y, 1.0, m.num_classes))  # the trainer's drop: every label -> null class
     torch.testing.assert_close(dropped, uncond)
 
 

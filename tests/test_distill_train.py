@@ -6,7 +6,6 @@ import pytest
 import torch
 from helpers import TINY_DIT, train_config
 
-from backbones.layers import drop_labels, external_label_dropout
 from diffusion.trainer import load_checkpoint, train
 
 TINY_LIT = {"name": "lit", "size": "S", "depth": 2, "hidden_size": 64, "num_heads": 2, "patch_size": 2}
@@ -40,13 +39,3 @@ def test_distillation_adds_the_teacher_term_and_nothing_without_teacher(teacher_
     with open(tmp_path / "n" / "log.csv") as f:
         assert all(float(r["distill"]) == 0 for r in csv.DictReader(f))
 
-
-def test_external_label_dropout_leaves_labels_to_the_caller():
-    torch.manual_seed(0)
-    y = torch.arange(10)
-    dropped = drop_labels(y, 1.0, 10)
-    assert torch.equal(dropped, torch.full_like(y, 10))
-    with external_label_dropout():
-        assert torch.equal(drop_labels(y, 1.0, 10), y)
-        assert torch.equal(drop_labels(y, 1.0, 10, force_drop_ids=torch.ones(10)), torch.full_like(y, 10))
-    assert torch.equal(drop_labels(y, 1.0, 10), torch.full_like(y, 10))

@@ -5,10 +5,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import SMOKE_KWARGS
 
 from backbones import available, build
 from backbones.dit import load_official_checkpoint
-from backbones.layers import attention, count_parameters, get_2d_sincos_pos_embed, timestep_embedding
+from backbones.layers import (
+    LabelEmbedder,
+    attention,
+    count_parameters,
+    drop_labels,
+    get_2d_sincos_pos_embed,
+    timestep_embedding,
+)
+from diffusion import create_diffusion
 
 # Exact totals (frozen pos_embed included) of the official models at 32x32x4, 1000 classes (dit.md Table 4).
 DIT_PARAMS = {
@@ -168,3 +177,81 @@ def test_patch_size_must_divide_input():
         small_dit(input_size=10, patch_size=4)
     with pytest.raises(ValueError, match="build the model with input_size=16"):
         small_dit()(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([1]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Label dropout belongs to the trainer; the loss hook every backbone inherits
+# ------------------------------------------------------------------------------------------------------------------
+def _accelerators() -> list[str]:
+    devs = ["cuda"] if torch.cuda.is_available() else []
+    return devs + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def test_drop_labels_seeded_reproducible_device_independent_and_at_rate():
+    n, null = 10_000, 10
+    y = torch.arange(n) % null
+    a = drop_labels(y, 0.1, null, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, drop_labels(y, 0.1, null, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, drop_labels(y, 0.1, null, generator=torch.Generator().manual_seed(4)))
+    # The mask is the generator's CPU draw, whatever device the labels are on.
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.1
+    assert torch.equal(a, torch.where(mask, null, y))
+    for dev in _accelerators():
+        out = drop_labels(y.to(dev), 0.1, null, generator=torch.Generator().manual_seed(3))
+        assert out.device.type == dev and torch.equal(out.cpu(), a)
+    for p in (0.1, 0.5):
+        dropped = drop_labels(y, p, null, generator=torch.Generator().manual_seed(0)) == null
+        assert abs(dropped.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma (<= 0.025)
+    kept = drop_labels(y, 0.5, null, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kept[kept != null], y[kept != null])  # survivors are untouched
+    assert torch.equal(drop_labels(y, 0.0, null), y)
+    assert torch.equal(drop_labels(y, 1.0, null), torch.full_like(y, null))
+    force = torch.tensor([1, 0, 1, 0])
+    assert drop_labels(torch.tensor([1, 2, 3, 4]), 0.0, null, force_drop_ids=force).tolist() == [null, 2, null, 4]
+
+
+def test_label_embedder_keeps_null_row_and_forced_drops():
+    emb = LabelEmbedder(10, 8, 0.1)
+    assert emb.embedding_table.num_embeddings == 11 and LabelEmbedder(10, 8, 0.0).embedding_table.num_embeddings == 10
+    emb.train()
+    y = torch.tensor([1, 2, 3])
+    torch.testing.assert_close(emb(y), emb.embedding_table.weight[y], rtol=0, atol=0)
+    forced = emb(y, force_drop_ids=torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(forced, emb.embedding_table.weight[torch.tensor([1, 10, 3])], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in available() if not n.startswith("test_")])
+def test_training_forward_never_drops_labels(name):
+    """Same input and labels twice in training mode (class_dropout_prob 0.5): identical outputs, equal to eval."""
+    kw = dict(SMOKE_KWARGS[name], input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.5)
+    if name == "rwkv":
+        kw["drop_path_rate"] = 0.0  # stochastic depth is the one intended randomness of a training forward
+    torch.manual_seed(0)
+    model = build(name, **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # leave the zero-initialised heads: labels must reach the output
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x, t, y = torch.randn(16, 4, 8, 8, generator=g), torch.randint(0, 1000, (16,), generator=g), torch.arange(16) % 10
+    with torch.no_grad():
+        model.eval()
+        ref, null = model(x, t, y), model(x, t, torch.full_like(y, 10))
+        # every sample depends on its label, so dropping any one of them would show
+        assert ((ref - null).flatten(1).abs().amax(1) > 1e-4).all()
+        model.train()
+        first, second = model(x, t, y), model(x, t, y)
+    torch.testing.assert_close(first, ref)
+    torch.testing.assert_close(second, ref)
+
+
+def test_default_training_losses_is_the_diffusion_loss():
+    torch.manual_seed(0)
+    model = perturbed(small_dit()).train()
+    diffusion = create_diffusion()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 400, 999]), torch.tensor([1, 2, 10])
+    noise = torch.randn_like(x)
+    terms = model.training_losses(diffusion, x, t, y, noise)
+    ref = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
+    assert set(terms) == {"loss", "mse", "vb", "model_output", "x_t"} == set(ref)
+    for k in terms:
+        torch.testing.assert_close(terms[k], ref[k], rtol=0, atol=0)
