@@ -47,6 +47,7 @@ DICO_PRESETS = {
     "L": dict(hidden_size=352, depth=(9, 8, 9, 8, 9), mlp_ratio=2.0),
     "XL": dict(hidden_size=416, depth=(9, 9, 10, 9, 9), mlp_ratio=2.0),
     "H": dict(hidden_size=416, depth=(14, 12, 10, 12, 14), mlp_ratio=4.0),
+    "cpu": dict(hidden_size=48, depth=(1, 1, 1, 1, 1), mlp_ratio=2.0),  # ours: CPU-sized (about 2M params)
 }
 DOWNSAMPLING = 4  # two pixel-unshuffle(2) steps: input sides must be divisible by this
 

@@ -75,6 +75,8 @@ DIMR_PRESETS = {
     "S/3R": dict(branches=3, depth=13, hidden_size=384, num_heads=6),
     "B/3R": dict(branches=3, depth=13, hidden_size=768, num_heads=12),
     "XL/3R": dict(branches=3, depth=39, hidden_size=960, num_heads=16),
+    # ours: CPU-sized (about 0.2M params)
+    "cpu/2R": dict(branches=2, depth=3, hidden_size=64, num_heads=4),
 }
 
 # Multi-scale loss weights, lowest resolution first (official ``config.loss_coeffs``); 3R is our extrapolation.

@@ -28,7 +28,7 @@ from .dit import DIT_PRESETS, DiT, DiTBlock
 log = logging.getLogger(__name__)
 
 # Few heads is LiT's guideline 2 ("free lunch"): S 2, L/XL 4 (paper); B 3 (figure, not stated in the text).
-LIT_HEADS = {"S": 2, "B": 3, "L": 4, "XL": 4}
+LIT_HEADS = {"S": 2, "B": 3, "L": 4, "XL": 4, "cpu": 2}
 LIT_PRESETS = {name: dict(cfg, num_heads=LIT_HEADS[name]) for name, cfg in DIT_PRESETS.items()}
 
 

@@ -55,6 +55,7 @@ DRWKV_PRESETS = {
     "M": dict(depth=25, hidden_size=512),
     "L": dict(depth=37, hidden_size=768),
     "H": dict(depth=37, hidden_size=1024),
+    "cpu": dict(depth=5, hidden_size=128),  # ours: CPU-sized (about 1.7M params)
 }
 
 

@@ -12,8 +12,8 @@ live on the same scale for teacher and student at the same t, so matching v matc
 ``var_transform`` (e.g. v -> log variance from the diffusion object) to compare another quantity instead.
 Defaults lambda_eps = 0.5, lambda_var = 0.05: the best C2I ablation in the paper (LiT-S/2, DiT-XL/2 teacher).
 
-Labels: the student drops labels for classifier-free guidance inside its forward pass; to give the teacher the
-same condition, drop once outside (``backbones.layers.drop_labels``) and feed the dropped labels to both.
+Labels: the trainer drops labels for classifier-free guidance once per batch (``backbones.layers.drop_labels``)
+before calling the student, and feeds the same dropped labels to the teacher; no backbone drops labels itself.
 """
 
 from __future__ import annotations

@@ -39,3 +39,29 @@ def test_distillation_adds_the_teacher_term_and_nothing_without_teacher(teacher_
     with open(tmp_path / "n" / "log.csv") as f:
         assert all(float(r["distill"]) == 0 for r in csv.DictReader(f))
 
+
+
+def test_teacher_and_student_see_identical_dropped_labels(teacher_dir, tmp_path):
+    """Labels are dropped once per batch by the trainer; the teacher gets exactly the student's labels."""
+    from diffusion.trainer import build_run, train_step
+
+    cfg = train_config(tmp_path, [f"distill.teacher={teacher_dir}", "train.class_dropout_prob=0.5",
+                                  "train.batch_size=32"], TINY_LIT)
+    run = build_run(cfg)
+    seen = {"student": [], "teacher": []}
+
+    def recorder(name):
+        def hook(module, args, kwargs):
+            seen[name].append((args[2] if len(args) > 2 else kwargs["y"]).clone())
+        return hook
+
+    run.model.register_forward_pre_hook(recorder("student"), with_kwargs=True)
+    run.teacher.register_forward_pre_hook(recorder("teacher"), with_kwargs=True)
+    for _ in range(3):
+        train_step(run)
+    null = run.model.num_classes
+    assert len(seen["student"]) == len(seen["teacher"]) == 3
+    for s, t in zip(seen["student"], seen["teacher"]):
+        assert torch.equal(s, t)
+    dropped = torch.cat(seen["student"]) == null
+    assert 0.3 < dropped.float().mean() < 0.7  # dropout really happened (p = 0.5), and the same for both
