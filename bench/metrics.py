@@ -7,9 +7,12 @@ Two metrics with two names, never mixed up:
   conditional-generator path is broken with numpy >= 1.24, so samples are generated first). Runs on the CPU unless a
   CUDA device is requested (torch-fidelity itself defaults to CUDA). The Inception weights come from a local file
   (``inception_weights=``, sweep config ``eval.inception_weights=``) or torch-fidelity's / pytorch-fid's download cache
-  under ``$TORCH_HOME/hub/checkpoints``; nothing is downloaded implicitly. Reference features and statistics are
-  cached by torch-fidelity (temp file + rename) under a name made of the content hash of the reference images and
-  of the weights file.
+  under ``$TORCH_HOME/hub/checkpoints``; nothing is downloaded implicitly. Nothing here is ever unpickled: the
+  weights are read with ``torch.load(weights_only=True)`` and handed to torch-fidelity's extractor in memory (never
+  as a path, which it would load with ``weights_only=False``); features are extracted here and scored with
+  torch-fidelity's metric functions, and the reference features/statistics are cached here as ``.npz`` (atomic
+  write, read with ``allow_pickle=False``) under a name made of the content hash of the reference images and of the
+  weights file. torch-fidelity's own pickle cache (``cache_root``) is never used.
 * ``fd_<dataset>_classifier``: the Frechet distance in the penultimate features of a small CNN that the project
   trains once per dataset on its training split (deterministic, cached; its test accuracy is recorded), plus that
   classifier's accuracy on class-conditional samples (predicted class == conditioning label). This is the CPU-scale
@@ -19,11 +22,13 @@ Two metrics with two names, never mixed up:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
-from runio.files import atomic_torch_save
+from diffusion.sampling import to_uint8
+from runio.files import atomic_torch_save, atomic_write, load_file
 
 # --------------------------------------------------------------------------------------------------------------
 # Frechet distance
@@ -106,7 +112,8 @@ def _as_tensor(images: Any, what: str) -> torch.Tensor:
 def to_unit_range(images: Any, what: str = "images") -> torch.Tensor:
     """(N, C, H, W) uint8 in [0, 255] or float in [-1, 1] -> float32 in [-1, 1] on 8-bit levels.
 
-    Floats are rounded to the 256 levels a saved PNG would have, so that samples and real data are scored alike.
+    Floats are rounded to the 256 levels a saved PNG would have by ``diffusion.sampling.to_uint8`` (DiT's rounding,
+    the function the sweep applies to samples), so that samples and real data are scored alike.
     Floats slightly outside [-1, 1] (sampler overshoot) are clipped; a clearly different range is an error.
     """
     x = _as_tensor(images, what)
@@ -122,14 +129,6 @@ def to_unit_range(images: Any, what: str = "images") -> torch.Tensor:
         raise ValueError(f"{what}: float images must lie in [-1, 1] (found [{lo:.3g}, {hi:.3g}]); "
                          f"map [0, 1] data with 2*x-1 or pass uint8")
     return to_uint8(x).float() / 127.5 - 1
-
-
-def to_uint8(images: Any, what: str = "images") -> torch.Tensor:
-    """(N, C, H, W) float in [-1, 1] (clipped) or uint8 -> uint8."""
-    x = _as_tensor(images, what)
-    if x.dtype == torch.uint8:
-        return x
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,11 +151,65 @@ _TF_KEYS = {
 }
 
 
-def resolve_inception_weights(inception_weights: str | os.PathLike | None = None) -> Path:
-    """The local Inception weights file: the configured path, else torch-fidelity's or pytorch-fid's hub cache.
+def _weights_only_error(e: Exception) -> str:
+    """The informative line of a (long) weights-only unpickling error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    hit = next((ln for ln in lines if "weightsunpickler error" in ln.lower() or "unsupported" in ln.lower()), None)
+    return f"{type(e).__name__}: {hit or (lines[0] if lines else '')}"
 
-    Raises FileNotFoundError naming the file and where to put it when there is none (no download is attempted).
+
+def _load_inception_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, sha256 of the file) from one read of ``path``, loaded weights-only and validated."""
+    data = path.read_bytes()
+    try:
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickled code, a foreign or torn file: never unpickled
+        raise ValueError(f"{path} is not a tensor-only state dict, refused without unpickling it "
+                         f"({_weights_only_error(e)}); expected the FID Inception weights {INCEPTION_WEIGHTS_FILE}"
+                         ) from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} is not a state dict of tensors; expected the FID Inception weights "
+                         f"{INCEPTION_WEIGHTS_FILE} (expected key fc.weight of shape (1008, 2048))")
+    fc = sd.get("fc.weight")
+    if fc is None or tuple(fc.shape) != (1008, 2048):
+        raise ValueError(f"{path} is not the FID Inception state dict {INCEPTION_WEIGHTS_FILE} "
+                         f"(expected key fc.weight of shape (1008, 2048))")
+    return sd, hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _forced_weights_only_load() -> Iterator[None]:
+    """Inside, every ``torch.load`` is weights-only even where the caller passes ``weights_only=False``."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _inception_extractor(state_dict: dict[str, torch.Tensor], features: list[str]) -> nn.Module:
+    """torch-fidelity's InceptionV3 with ``state_dict`` and no file path.
+
+    Its constructor takes only a path (loaded with ``weights_only=False``) or None (hub cache / download, also
+    unpickled), so it gets an in-memory re-serialisation of the tensors we loaded weights-only, and its load runs
+    with weights-only forced on as a second guard.
     """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    with _forced_weights_only_load():
+        return FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, features, feature_extractor_weights_path=buf)
+
+
+def _resolve_inception_weights(inception_weights: str | os.PathLike | None) -> tuple[Path, str]:
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     if inception_weights is not None:
         path = Path(inception_weights).expanduser()
@@ -174,30 +227,38 @@ def resolve_inception_weights(inception_weights: str | os.PathLike | None = None
                 f"{WEIGHTS_CONFIG_KEY}=/path/to/{INCEPTION_WEIGHTS_FILE} or copy it to "
                 f"{hub / TORCH_FIDELITY_WEIGHTS_FILE} (torch-fidelity's cache; $TORCH_HOME/hub/checkpoints). "
                 f"Without Inception weights use eval.metric=classifier (fd_<dataset>_classifier).")
-    # torch-fidelity loads the file with weights_only=False; refuse anything that is not a plain state dict first.
+    _, sha = _load_inception_state_dict(path)
+    return path, sha
+
+
+def resolve_inception_weights(inception_weights: str | os.PathLike | None = None) -> Path:
+    """The local Inception weights file: the configured path, else torch-fidelity's or pytorch-fid's hub cache.
+
+    Raises FileNotFoundError naming the file and where to put it when there is none (no download is attempted),
+    and ValueError when the file is not a tensor-only FID Inception state dict (checked with a weights-only load).
+    """
+    return _resolve_inception_weights(inception_weights)[0]
+
+
+def _read_npz(path: Path, ndims: dict[str, int]) -> dict[str, np.ndarray] | None:
+    """Float arrays ``ndims`` (name -> ndim) of a cached .npz, read with ``allow_pickle=False``; None when the file
+    is absent or rejected (with a warning: it is then recomputed and replaced)."""
+    if not path.is_file():
+        return None
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with z:
+            out = {k: z[k] for k in ndims}
+        for k, nd in ndims.items():
+            if out[k].dtype.kind != "f" or out[k].ndim != nd or not np.isfinite(out[k]).all():
+                raise ValueError(f"{k}: unexpected {out[k].dtype} array of shape {out[k].shape}")
     except Exception as e:
-        raise ValueError(f"{path} is not a loadable tensor-only state dict ({type(e).__name__}: {e}); "
-                         f"expected the FID Inception weights {INCEPTION_WEIGHTS_FILE}") from e
-    fc = sd.get("fc.weight") if isinstance(sd, dict) else None
-    if fc is None or tuple(fc.shape) != (1008, 2048):
-        raise ValueError(f"{path} is not the FID Inception state dict {INCEPTION_WEIGHTS_FILE} "
-                         f"(expected key fc.weight of shape (1008, 2048))")
-    return path
-
-
-class _UInt8Images(torch.utils.data.Dataset):
-    """The input torch-fidelity accepts: a Dataset of uint8 (3, H, W) tensors."""
-
-    def __init__(self, images: torch.Tensor):
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i]
+        warnings.warn(f"ignoring cache file {path} ({type(e).__name__}: {e}); recomputing and replacing it",
+                      stacklevel=3)
+        return None
+    return out
 
 
 def to_uint8_rgb(images: Any, what: str = "images") -> torch.Tensor:
@@ -215,16 +276,18 @@ class InceptionMetric:
 
     ``score`` returns ``metric_name="fid"`` and ``metric_value``, plus ``kid_mean``, ``kid_std``, ``isc_mean``,
     ``isc_std``, ``precision``, ``recall``, ``f_score`` when requested. Precision/recall use the Inception pool
-    features (ADM's convention), not torch-fidelity's VGG16 default. Reference features/statistics are cached in
-    ``cache_dir`` under the content hash of the reference images and of the weights file.
-    ``feature_extractor`` other than Inception (registered with ``torch_fidelity.register_feature_extractor``)
-    exists for tests and renames the metric to ``fd_<extractor>``.
+    features (ADM's convention), not torch-fidelity's VGG16 default. Features are extracted here (tqdm progress bar
+    unless ``progress=False``) and scored with torch-fidelity's metric functions. Reference features/statistics are
+    cached in ``cache_dir`` as .npz under the content hash of the reference images and of the weights file.
+    ``feature_extractor`` other than Inception (a project extractor registered with
+    ``torch_fidelity.register_feature_extractor``; torch-fidelity's other built-ins unpickle or download their
+    weights and are refused) exists for tests and renames the metric to ``fd_<extractor>``.
     """
 
     def __init__(self, reference_images: Any, cache_dir: str | os.PathLike, inception_weights: str | None = None,
                  device: str | torch.device = "cpu", kid: bool = False, isc: bool = False, prc: bool = False,
                  batch_size: int = 64, kid_subset_size: int = 1000, seed: int = 2020, verbose: bool = False,
-                 feature_extractor: str = INCEPTION_EXTRACTOR):
+                 feature_extractor: str = INCEPTION_EXTRACTOR, progress: bool = True):
         self.reference = to_uint8_rgb(reference_images, "reference_images")
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(device)
@@ -232,21 +295,33 @@ class InceptionMetric:
             raise ValueError(f"InceptionMetric: device must be cpu or cuda, got {device}")
         self.kid, self.isc, self.prc = kid, isc, prc
         self.batch_size, self.kid_subset_size, self.seed, self.verbose = batch_size, kid_subset_size, seed, verbose
+        self.progress = progress
         self.feature_extractor = feature_extractor
         if feature_extractor == INCEPTION_EXTRACTOR:
-            self.weights_path: Path | None = resolve_inception_weights(inception_weights)
-            h = hashlib.sha256()
-            with open(self.weights_path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            weights_tag = h.hexdigest()[:12]
+            self.weights_path: Path | None
+            self.weights_path, self._weights_sha = _resolve_inception_weights(inception_weights)
+            weights_tag = self._weights_sha[:12]
             self.metric_name = "fid"
         else:
-            self.weights_path = Path(inception_weights) if inception_weights else None
+            from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+            cls = FEATURE_EXTRACTORS_REGISTRY.get(feature_extractor)
+            if cls is None:
+                raise ValueError(f"feature extractor {feature_extractor!r} is not registered")
+            if cls.__module__.startswith("torch_fidelity"):
+                raise ValueError(f"torch-fidelity's built-in extractor {feature_extractor!r} loads its weights with "
+                                 f"full unpickling (or downloads them); use {INCEPTION_EXTRACTOR} or a project "
+                                 f"extractor")
+            if inception_weights is not None:
+                raise ValueError(f"inception_weights applies to {INCEPTION_EXTRACTOR} only, not {feature_extractor}")
+            self.weights_path, self._weights_sha = None, ""
             weights_tag = "none"
             self.metric_name = f"fd_{feature_extractor}"
-        # torch-fidelity keys its cache files by this name plus the extractor name and feature layer.
+        # Cache files are named by this key plus the extractor name and feature layer.
         self.reference_key = f"ref-{content_hash(self.reference)[:16]}-w{weights_tag}"
+        self._extractor: nn.Module | None = None
+        self._layers: dict[str, str] = {}
+        self._ref: tuple[dict[str, torch.Tensor], dict[str, np.ndarray]] | None = None
 
     def _key(self, tf_key: str) -> str:
         name = _TF_KEYS[tf_key]
@@ -254,27 +329,109 @@ class InceptionMetric:
             return name
         return self.metric_name if name == "fid" else f"{self.feature_extractor}_{name}"
 
+    def _get_extractor(self) -> tuple[nn.Module, dict[str, str]]:
+        """The feature extractor (built once) and the feature layer of each requested metric."""
+        if self._extractor is None:
+            metrics = ["fid"] + [m for m, on in (("kid", self.kid), ("isc", self.isc), ("prc", self.prc)) if on]
+            if self.feature_extractor == INCEPTION_EXTRACTOR:
+                from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3 as cls
+
+                sd, sha = _load_inception_state_dict(self.weights_path)
+                if sha != self._weights_sha:
+                    raise RuntimeError(f"{self.weights_path} changed since this InceptionMetric was created")
+            else:
+                from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+                cls = FEATURE_EXTRACTORS_REGISTRY[self.feature_extractor]
+            layers = {m: cls.get_default_feature_layer_for_metric(m) for m in metrics}
+            features = sorted(set(layers.values()))
+            if self.feature_extractor == INCEPTION_EXTRACTOR:
+                ext = _inception_extractor(sd, features)
+            else:
+                ext = cls(self.feature_extractor, features)
+            self._extractor, self._layers = ext.requires_grad_(False).eval().to(self.device), layers
+        return self._extractor, self._layers
+
+    @torch.no_grad()
+    def _extract(self, images: torch.Tensor, what: str) -> dict[str, torch.Tensor]:
+        """{layer: (N, D) CPU features} of uint8 RGB images, batch by batch."""
+        from tqdm.auto import tqdm
+
+        ext, _ = self._get_extractor()
+        chunks: dict[str, list[torch.Tensor]] = {}
+        with tqdm(total=len(images), desc=f"{self.metric_name}: {what} features", unit="img", leave=False,
+                  dynamic_ncols=True, disable=not self.progress) as bar:
+            for i in range(0, len(images), self.batch_size):
+                batch = images[i:i + self.batch_size].to(self.device)
+                for k, v in ext.convert_features_tuple_to_dict(ext(batch)).items():
+                    chunks.setdefault(k, []).append(v.detach().cpu())
+                bar.update(len(batch))
+        return {k: torch.cat(v) for k, v in chunks.items()}
+
+    def _cache_file(self, what: str) -> Path:
+        return self.cache_dir / f"{self.reference_key}-{self.feature_extractor}-{what}.npz"
+
+    def _reference(self) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """Reference features (layers KID / precision-recall use) and FID statistics: memory, .npz cache, or
+        extracted now and cached (atomic writes)."""
+        from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
+
+        if self._ref is not None:
+            return self._ref
+        _, layers = self._get_extractor()
+        n = len(self.reference)
+        stat_file = self._cache_file(f"stat-fid-{layers['fid']}")
+        stats = _read_npz(stat_file, {"mu": 1, "sigma": 2})
+        if stats is not None and stats["sigma"].shape != (stats["mu"].size,) * 2:
+            warnings.warn(f"ignoring cache file {stat_file} (inconsistent shapes); recomputing and replacing it")
+            stats = None
+        feats: dict[str, np.ndarray | None] = {}
+        for layer in sorted({layers[m] for m in ("kid", "prc") if m in layers}):
+            f = _read_npz(self._cache_file(f"features-{layer}"), {"features": 2})
+            feats[layer] = f["features"] if f is not None and len(f["features"]) == n else None
+        if stats is None or any(f is None for f in feats.values()):
+            extracted = self._extract(self.reference, "reference")
+            if stats is None:
+                stats = fid_featuresdict_to_statistics(extracted, layers["fid"])
+                mu, sigma = stats["mu"], stats["sigma"]
+                atomic_write(stat_file, lambda fh: np.savez(fh, mu=mu, sigma=sigma))
+            for layer, f in feats.items():
+                if f is None:
+                    arr = feats[layer] = extracted[layer].numpy()
+                    atomic_write(self._cache_file(f"features-{layer}"), lambda fh: np.savez(fh, features=arr))
+        self._ref = ({k: torch.from_numpy(v) for k, v in feats.items()}, stats)
+        return self._ref
+
     def score(self, samples: Any, labels: Any = None) -> dict[str, Any]:
         """Metrics of ``samples`` (N, C, H, W) uint8 or float in [-1, 1]; ``labels`` are unused (no classifier)."""
-        import torch_fidelity
+        from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+        from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
         x = to_uint8_rgb(samples, "samples")
         if x.shape[1:] != self.reference.shape[1:]:
             raise ValueError(f"samples {tuple(x.shape[1:])} and reference images {tuple(self.reference.shape[1:])} "
                              f"differ in shape")
-        kwargs: dict[str, Any] = dict(
-            input1=_UInt8Images(x), input2=_UInt8Images(self.reference), input2_cache_name=self.reference_key,
-            cache_root=str(self.cache_dir), cache=True, cuda=self.device.type == "cuda", fid=True, kid=self.kid,
-            isc=self.isc, prc=self.prc, feature_extractor=self.feature_extractor, batch_size=self.batch_size,
-            feature_extractor_weights_path=None if self.weights_path is None else str(self.weights_path),
-            kid_subset_size=min(self.kid_subset_size, len(x), len(self.reference)), rng_seed=self.seed,
-            save_cpu_ram=True, datasets_download=False, verbose=self.verbose)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        if self.device.type == "cuda" and self.device.index is not None:
-            with torch.cuda.device(self.device.index):
-                raw = torch_fidelity.calculate_metrics(**kwargs)
-        else:
-            raw = torch_fidelity.calculate_metrics(**kwargs)
+        _, layers = self._get_extractor()
+        ref_feats, ref_stats = self._reference()
+        feats = self._extract(x, "sample")
+        # torch-fidelity's conventions: input1 = samples, input2 = reference; its defaults for everything else.
+        kwargs: dict[str, Any] = dict(cuda=self.device.type == "cuda", rng_seed=self.seed, save_cpu_ram=True,
+                                      kid_subset_size=min(self.kid_subset_size, len(x), len(self.reference)),
+                                      verbose=self.verbose)
+        stats = fid_featuresdict_to_statistics(feats, layers["fid"])
+        ref_stats = {k: np.asarray(v, dtype=stats[k].dtype) for k, v in ref_stats.items()}
+        if stats["mu"].shape != ref_stats["mu"].shape:
+            raise ValueError(f"{self._cache_file('stat-fid-' + layers['fid'])}: reference statistics of dimension "
+                             f"{ref_stats['mu'].shape[0]}, features have {stats['mu'].shape[0]}; delete the file")
+        raw = fid_statistics_to_metric(stats, ref_stats, self.verbose)
+        if self.kid:
+            raw.update(kid_featuresdict_to_metric(feats, ref_feats, layers["kid"], **kwargs))
+        if self.isc:
+            raw.update(isc_featuresdict_to_metric(feats, layers["isc"], **kwargs))
+        if self.prc:
+            raw.update(prc_featuresdict_to_metric(feats, ref_feats, layers["prc"], **kwargs))
         out: dict[str, Any] = {self._key(k): float(v) for k, v in raw.items() if k in _TF_KEYS}
         out.update(metric_name=self.metric_name, metric_value=out[self.metric_name],
                    classifier_accuracy=float("nan"), num_samples=len(x))
@@ -318,30 +475,61 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def _train_classifier(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor, recipe: dict[str, Any]) -> None:
+def _train_classifier(model: SmallCNN, images: torch.Tensor, labels: torch.Tensor, recipe: dict[str, Any],
+                      desc: str = "metric classifier", progress: bool = False) -> None:
     """Fixed step budget, AdamW with linear decay to 0, seeded shuffling: the same weights on every run."""
+    from tqdm.auto import tqdm
+
     gen = torch.Generator().manual_seed(recipe["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     steps, batch, n = recipe["steps"], min(recipe["batch"], len(images)), len(images)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    epochs, epoch = -(-steps // (n // batch)), 1  # an epoch is n // batch steps (the remainder is dropped)
     model.train()
     perm, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos + batch > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + batch]
-        pos += batch
-        loss = F.cross_entropy(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    with tqdm(total=steps, desc=f"{desc}: epoch 1/{epochs}", unit="step", leave=False, dynamic_ncols=True,
+              disable=not progress) as bar:
+        for _ in range(steps):
+            if pos + batch > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+                epoch += 1
+                bar.set_description(f"{desc}: epoch {epoch}/{epochs}", refresh=False)
+            idx = perm[pos:pos + batch]
+            pos += batch
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
     model.eval()
 
 
 @torch.inference_mode()
-def _batched(fn, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 1000,
+             desc: str | None = None) -> torch.Tensor:
+    """``fn`` over ``x`` in batches; a tqdm progress bar named ``desc`` when given."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(x), desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=desc is None) as bar:
+        out = []
+        for i in range(0, len(x), batch):
+            out.append(fn(x[i:i + batch]))
+            bar.update(len(out[-1]))
+    return torch.cat(out)
+
+
+def _load_cache(path: Path, what: str) -> Any:
+    """A cached .pt file loaded weights-only (``runio.files.load_file``); None when absent or rejected (with a
+    warning: it is then recomputed and replaced)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path, what)
+    except RuntimeError as e:
+        reason = _weights_only_error(e.__cause__) if e.__cause__ is not None else str(e)
+        warnings.warn(f"ignoring {what} {path} ({reason}); recomputing and replacing it", stacklevel=3)
+        return None
 
 
 class ClassifierMetric:
@@ -351,12 +539,14 @@ class ClassifierMetric:
     The classifier is trained once per (dataset name, image shape, training-data content hash, recipe) and cached
     in ``cache_dir`` (atomic write; loaded with ``weights_only=True``); its accuracy on the test split is recorded.
     The real-data statistics come from the test split (the first ``num_reference`` images when given) and are
-    cached too. Images: (N, C, H, W) float in [-1, 1] or uint8; labels: (N,) ints in [0, num_classes).
+    cached too. A cache file that fails the weights-only load or validation is ignored with a warning and rebuilt.
+    Training and feature extraction show tqdm progress bars (stderr) unless ``progress=False``.
+    Images: (N, C, H, W) float in [-1, 1] or uint8; labels: (N,) ints in [0, num_classes).
     """
 
     def __init__(self, dataset_name: str, train_images: Any, train_labels: Any, test_images: Any, test_labels: Any,
                  cache_dir: str | os.PathLike, num_classes: int | None = None, num_reference: int | None = None,
-                 recipe: dict[str, Any] | None = None, verbose: bool = False):
+                 recipe: dict[str, Any] | None = None, verbose: bool = False, progress: bool = True):
         if not dataset_name or any(c in dataset_name for c in "/\\ "):
             raise ValueError(f"dataset_name must be a plain name (no slashes or spaces), got {dataset_name!r}")
         self.dataset_name = dataset_name
@@ -375,18 +565,25 @@ class ClassifierMetric:
         c, h, w = self.image_shape
         key = content_hash(train_x, train_y, repr(sorted(self.recipe.items())), str(self.num_classes))[:16]
         self.classifier_path = self.cache_dir / f"classifier_{dataset_name}_{c}x{h}x{w}_{key}.pt"
-        self.from_cache = self.classifier_path.is_file()
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-            torch.manual_seed(self.recipe["seed"])
-            self.model = SmallCNN(c, self.num_classes, self.recipe["widths"])
-            if not self.from_cache:
-                _train_classifier(self.model, train_x, train_y, self.recipe)
-        self.model.eval().requires_grad_(False)
-        if self.from_cache:
-            ckpt = torch.load(self.classifier_path, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(ckpt["state_dict"])
-            self.test_accuracy = float(ckpt["test_accuracy"])
-        else:
+        self.progress = progress
+        self._desc = f"metric classifier {dataset_name}"
+        ckpt = _load_cache(self.classifier_path, "metric classifier cache")
+        self.model = self._new_model()
+        if ckpt is not None:
+            try:
+                if not isinstance(ckpt, dict):
+                    raise TypeError(f"holds a {type(ckpt).__name__}, not a dict")
+                self.model.load_state_dict(ckpt["state_dict"])
+                self.test_accuracy = float(ckpt["test_accuracy"])
+                if not 0 <= self.test_accuracy <= 1:
+                    raise ValueError(f"test_accuracy {self.test_accuracy} outside [0, 1]")
+            except Exception as e:
+                warnings.warn(f"ignoring metric classifier cache {self.classifier_path} ({type(e).__name__}: {e}); "
+                              f"retraining and replacing it", stacklevel=2)
+                ckpt, self.model = None, self._new_model()
+        self.from_cache = ckpt is not None
+        if not self.from_cache:
+            self.model = self._new_model(train_x, train_y)
             self.test_accuracy = self._accuracy(test_x, test_y)
             atomic_torch_save(dict(state_dict=self.model.state_dict(), test_accuracy=self.test_accuracy,
                                     dataset=dataset_name, image_shape=list(self.image_shape),
@@ -397,14 +594,39 @@ class ClassifierMetric:
                   f"({self.classifier_path.name}), test accuracy {self.test_accuracy:.4f}")
         ref_x = test_x if num_reference is None else test_x[:num_reference]
         ref_path = self.classifier_path.with_name(f"{self.classifier_path.stem}_ref_{content_hash(ref_x)[:16]}.pt")
-        if ref_path.is_file():
-            st = torch.load(ref_path, map_location="cpu", weights_only=True)
-            self.ref_mu, self.ref_sigma = st["mu"].numpy(), st["sigma"].numpy()
+        st = self._cached_statistics(ref_path)
+        if st is not None:
+            self.ref_mu, self.ref_sigma = st
         else:
-            self.ref_mu, self.ref_sigma = feature_statistics(self.features(ref_x))
+            self.ref_mu, self.ref_sigma = feature_statistics(self._features(ref_x, "reference features"))
             atomic_torch_save(dict(mu=torch.from_numpy(self.ref_mu), sigma=torch.from_numpy(self.ref_sigma),
                                     num=len(ref_x)), ref_path)
         self.num_reference = len(ref_x)
+
+    def _new_model(self, train_x: torch.Tensor | None = None, train_y: torch.Tensor | None = None) -> SmallCNN:
+        """The seeded initial classifier, trained on (train_x, train_y) when given; the caller's RNG is untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.recipe["seed"])
+            model = SmallCNN(self.image_shape[0], self.num_classes, self.recipe["widths"])
+            if train_x is not None:
+                _train_classifier(model, train_x, train_y, self.recipe, self._desc, self.progress)
+        return model.eval().requires_grad_(False)
+
+    def _cached_statistics(self, path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+        st = _load_cache(path, "metric classifier reference statistics")
+        if st is None:
+            return None
+        d = self.model.feature_dim
+        try:
+            mu, sigma = st["mu"], st["sigma"]
+            if not (torch.is_tensor(mu) and torch.is_tensor(sigma) and mu.shape == (d,) and sigma.shape == (d, d)
+                    and mu.is_floating_point() and sigma.is_floating_point()):
+                raise ValueError(f"expected float mu ({d},) and sigma ({d}, {d})")
+            return mu.double().numpy(), sigma.double().numpy()
+        except Exception as e:
+            warnings.warn(f"ignoring metric classifier reference statistics {path} ({type(e).__name__}: {e}); "
+                          f"recomputing and replacing them", stacklevel=3)
+            return None
 
     @staticmethod
     def _labels(labels: Any, n: int, what: str) -> torch.Tensor:
@@ -420,10 +642,14 @@ class ClassifierMetric:
         x = to_unit_range(images, "images")
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"images of shape {tuple(x.shape[1:])}, classifier trained on {self.image_shape}")
-        return _batched(self.model.features, x)
+        return self._features(x, "features")
+
+    def _features(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        return _batched(self.model.features, x, desc=f"{self._desc}: {what}" if self.progress else None)
 
     def _accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        return float((_batched(self.model, x).argmax(1) == y).float().mean())
+        logits = _batched(self.model, x, desc=f"{self._desc}: test accuracy" if self.progress else None)
+        return float((logits.argmax(1) == y).float().mean())
 
     def score(self, samples: Any, labels: Any = None) -> dict[str, Any]:
         """FD of ``samples`` against the real test statistics, and accuracy w.r.t. the conditioning ``labels``."""
@@ -435,7 +661,7 @@ class ClassifierMetric:
         if len(x) <= self.model.feature_dim:
             warnings.warn(f"{self.metric_name}: {len(x)} samples <= {self.model.feature_dim} feature dims: "
                           f"the covariance is singular and the distance strongly biased", stacklevel=2)
-        feats = self.features(x)
+        feats = self._features(x, "sample features")
         mu, sigma = feature_statistics(feats)
         acc = float("nan")
         if labels is not None:

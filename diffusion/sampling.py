@@ -14,9 +14,22 @@ from runio.files import atomic_write
 SAMPLERS = ("ddpm", "ddim")
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 with DiT's rounding (clamp(127.5 x + 128))."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8)
+def to_uint8(images: torch.Tensor | np.ndarray, what: str = "images") -> torch.Tensor:
+    """(N, C, H, W) floats in [-1, 1] (clamped) or uint8 -> uint8 on the CPU; the one conversion in the project.
+
+    DiT's sample.py rounding: ``clamp(127.5 x + 128, 0, 255)`` truncated to uint8, i.e. round-half-up of
+    127.5 (x + 1). uint8 input is returned as is; other integer, bool or complex dtypes and non-4D shapes are errors.
+    """
+    x = torch.as_tensor(images).detach().cpu()
+    if x.ndim != 4:
+        raise ValueError(f"{what}: expected images of shape (N, C, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: no images")
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise TypeError(f"{what}: expected uint8 or floating images, got {x.dtype}")
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)
 
 
 @torch.no_grad()
@@ -74,14 +87,41 @@ def class_grid_labels(num_classes: int, per_class: int, max_classes: int = 10) -
     return classes.repeat(per_class)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, ncol: int, upscale: int = 1) -> Path:
-    """Save a PNG grid (``ncol`` images per row), written atomically."""
-    from torchvision.utils import save_image
+def save_grid(images: torch.Tensor, path: str | os.PathLike, ncol: int, upscale: int = 1,
+              class_names: list[str] | None = None) -> Path:
+    """Save a PNG grid of (N, C, H, W) images in [-1, 1] (C = 1 grayscale or 3 RGB), ``ncol`` per row, 2 px white
+    gaps, written atomically. Tiles are upscaled (nearest) by max(``upscale``, ceil(64 / size)) so each is at least
+    64 px. ``class_names``: a header row naming the class of each column (names cut to the tile width)."""
+    import math
 
-    if upscale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=upscale, mode="nearest")
-    return atomic_write(path, lambda f: save_image(images, f, nrow=ncol, normalize=True, value_range=(-1, 1),
-                                                   padding=2, pad_value=1.0, format="png"))
+    from PIL import Image, ImageDraw, ImageFont
+
+    min_tile = 64  # px: smaller samples are upscaled (nearest) to at least this size
+    x = to_uint8(torch.as_tensor(images).detach().cpu()).numpy()
+    n, c, h, w = x.shape
+    if c not in (1, 3):
+        raise ValueError(f"save_grid: expected 1 (grayscale) or 3 (RGB) channels, got {c}")
+    factor = max(int(upscale), math.ceil(min_tile / min(h, w)))
+    x = x.repeat(factor, axis=2).repeat(factor, axis=3).transpose(0, 2, 3, 1)  # (N, H', W', C)
+    th, tw, pad = h * factor, w * factor, 2
+    cols = max(1, min(ncol, n))
+    rows = math.ceil(n / cols)
+    font = ImageFont.load_default() if class_names else None
+    header = font.getbbox("Ag")[3] + 2 * pad + 2 if font is not None else 0
+    canvas = np.full((header + rows * (th + pad) + pad, cols * (tw + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        top, left = header + pad + (i // cols) * (th + pad), pad + (i % cols) * (tw + pad)
+        canvas[top:top + th, left:left + tw] = x[i]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)  # mode L (grayscale) or RGB
+    if font is not None:
+        draw = ImageDraw.Draw(img)
+        for j, name in enumerate(list(class_names)[:cols]):
+            name = str(name)
+            while len(name) > 1 and draw.textlength(name, font=font) > tw - 2:  # cut to the tile width
+                name = name[:-1]
+            left = pad + j * (tw + pad) + (tw - draw.textlength(name, font=font)) / 2
+            draw.text((left, pad), name, fill=0 if c == 1 else (0, 0, 0), font=font)
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor, path: str | os.PathLike) -> Path:

@@ -18,7 +18,9 @@ from bench.metrics import (
     frechet_distance,
     resolve_inception_weights,
     to_uint8_rgb,
+    to_unit_range,
 )
+from diffusion import sampling
 
 
 def _features(n=2000, d=16, seed=0):
@@ -193,6 +195,38 @@ def test_torch_fidelity_plumbing_offline(tmp_path):
         m.score(_images(10, 1, size=16))
 
 
+def test_one_to_uint8_for_samples_and_references():
+    """The sweep scores ``sampling.to_uint8(samples)``; references go through the metrics' conversions: both are the
+    same function with DiT's rounding, so every float (ties included) lands on the same 8-bit level."""
+    from bench import metrics
+
+    assert metrics.to_uint8 is sampling.to_uint8
+    u = torch.arange(255, dtype=torch.float64)
+    # Halfway between levels u and u+1 (x = 0 is the one exact float32 tie): 169 of these x map differently
+    # under round((x + 1) * 127.5), the rounding bench.metrics used to have.
+    ties = (u + 0.5) / 127.5 - 1
+    x = torch.cat([ties, ties + 1e-7, ties - 1e-7, torch.linspace(-1.2, 1.2, 4801, dtype=torch.float64)])
+    x = x.float().reshape(1, 1, 1, -1)
+    sample_path = sampling.to_uint8(x)
+    assert torch.equal(sample_path, torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8))  # DiT sample.py
+    assert torch.equal(to_uint8_rgb(x), sample_path.repeat(1, 3, 1, 1))  # InceptionMetric's reference path
+    assert torch.equal(to_unit_range(x), to_unit_range(sample_path))  # ClassifierMetric's reference path
+    assert sampling.to_uint8(torch.zeros(1, 1, 1, 1)).item() == 128  # the exact tie goes up (DiT)
+    assert torch.equal(sampling.to_uint8(x.double()), sample_path)
+    assert sampling.to_uint8(np.array([[[[-1.0, 1.0]]]], np.float32)).tolist() == [[[[0, 255]]]]
+    q = torch.randint(0, 256, (2, 1, 2, 2), dtype=torch.uint8)
+    assert torch.equal(sampling.to_uint8(q), q)  # uint8 passes through
+
+
+def test_to_uint8_validation():
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        sampling.to_uint8(torch.zeros(4, 4, 4))
+    with pytest.raises(ValueError, match="no images"):
+        sampling.to_uint8(torch.zeros(0, 1, 4, 4))
+    with pytest.raises(TypeError, match="uint8 or floating"):
+        sampling.to_uint8(torch.zeros(1, 1, 4, 4, dtype=torch.int64), "samples")
+
+
 def test_image_conversion_errors():
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         to_uint8_rgb(torch.full((2, 1, 4, 4), 200.0))
@@ -202,6 +236,49 @@ def test_image_conversion_errors():
         to_uint8_rgb(torch.zeros(4, 4, 4))
     x = to_uint8_rgb(torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 1, 1, 3))
     assert x.shape == (1, 3, 1, 3) and x[0, :, 0].tolist() == [[0, 128, 255]] * 3
+
+
+class _UInt8Dataset(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_scores_match_torch_fidelity_calculate_metrics(tmp_path):
+    """Features extracted here + torch-fidelity's metric functions == its calculate_metrics (run without a cache)."""
+    import torch_fidelity
+
+    name = _TinyExtractor.register()
+    ref, samples = _images(60, 0), (_images(50, 1) * 0.7).clamp(-1, 1)
+    opts = dict(kid=True, isc=True, prc=True, batch_size=16, kid_subset_size=40, seed=7)
+    ours = InceptionMetric(ref, tmp_path / "cache", feature_extractor=name, progress=False, **opts).score(samples)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_UInt8Dataset(to_uint8_rgb(samples)), input2=_UInt8Dataset(to_uint8_rgb(ref)), cache=False,
+        cuda=False, fid=True, kid=True, isc=True, prc=True, feature_extractor=name, batch_size=16,
+        kid_subset_size=40, rng_seed=7, save_cpu_ram=True, verbose=False)
+    assert ours[f"fd_{name}"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
+    assert ours[f"{name}_kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-9)
+    assert ours[f"{name}_isc_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-9)
+    assert ours[f"{name}_precision"] == theirs["precision"] and ours[f"{name}_recall"] == theirs["recall"]
+
+
+def test_inception_metric_progress_and_extractor_guards(tmp_path, capsys):
+    name = _TinyExtractor.register()
+    ref = _images(20, 0)
+    InceptionMetric(ref, tmp_path / "a", feature_extractor=name, progress=False).score(ref)
+    assert capsys.readouterr() == ("", "")  # nothing on stdout or stderr
+    InceptionMetric(ref, tmp_path / "b", feature_extractor=name).score(ref)
+    out, err = capsys.readouterr()
+    assert out == "" and f"fd_{name}: reference features" in err and f"fd_{name}: sample features" in err
+    with pytest.raises(ValueError, match="built-in extractor 'vgg16'"):  # unpickles / downloads its weights
+        InceptionMetric(ref, tmp_path, feature_extractor="vgg16")
+    with pytest.raises(ValueError, match="applies to inception-v3-compat only"):
+        InceptionMetric(ref, tmp_path, feature_extractor=name, inception_weights=str(tmp_path / "w.pth"))
 
 
 @pytest.mark.slow
@@ -272,6 +349,19 @@ def test_classifier_metric_deterministic_cached(tmp_path):
     assert noise["classifier_accuracy"] < 0.9 and np.isnan(m1.score(tex)["classifier_accuracy"])
     swapped = m1.score(tex, 1 - tey)  # samples that ignore their conditioning label
     assert swapped["classifier_accuracy"] == pytest.approx(1 - m1.test_accuracy)
+
+
+def test_classifier_metric_progress(tmp_path, capsys):
+    (trx, try_), (tex, tey) = _patterns(256, 0), _patterns(64, 1)
+    m = ClassifierMetric("toy", trx, try_, tex, tey, tmp_path / "a", recipe=TINY_RECIPE, progress=False)
+    m.score(tex, tey)
+    assert capsys.readouterr() == ("", "")  # stdout and stderr clean
+    m = ClassifierMetric("toy", trx, try_, tex, tey, tmp_path / "b", recipe=TINY_RECIPE)
+    m.score(tex, tey)
+    out, err = capsys.readouterr()
+    assert out == ""
+    for desc in ("epoch 1/5", "test accuracy", "reference features", "sample features"):  # 40 steps of 256/32
+        assert f"metric classifier toy: {desc}" in err
 
 
 def test_classifier_metric_bad_input(tmp_path):
