@@ -16,7 +16,7 @@ from typing import Callable
 import torch.nn as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-_NON_BACKBONE_MODULES = {"layers", "kernels", "opcount", "checkpoint"}
+_NON_BACKBONE_MODULES = {"layers", "kernels", "opcount"}
 _discovered = False
 
 

@@ -1,18 +1,22 @@
 """Scaling plots from the sweep CSVs: ``python -m bench.plots`` (``make scaling-plots``).
 
-For every ``results/<dataset>/runs.csv`` (rows with status ``ok``), per dataset, image size and metric: the metric
-against forward GMACs, training compute, parameters (log-log, one marker series per backbone, points labelled by
-preset and patch, a least-squares power law per backbone with >= 2 points, its exponent in the legend) and against
-training throughput. From ``results/tokens/<device>.csv`` (bench.tokens), when present: time and peak memory of
-each token mixer against the number of tokens. PNG and SVG under ``results/plots/``, plus ``fits.csv`` with every
-fitted exponent. Titles name the dataset, the metric and the training budget (steps x batch).
+For every ``results/<dataset>/runs.csv`` (rows with status ``ok``), per training recipe (the ``recipe_key``
+column, or dataset, image size, steps, batch, lr and the sampling protocol) and metric: the metric against forward
+GMACs, training compute, parameters (log-log, one marker series per backbone, points labelled by preset and patch,
+a least-squares power law per backbone with >= 3 distinct x values, its exponent in the legend) and against
+training throughput. One figure per recipe, so no figure or fit mixes two budgets; a figure whose x is constant or a
+constant multiple of an x already drawn (training compute at one fixed steps x batch) is skipped with a note. From
+``results/tokens/<device>.csv`` (bench.tokens), when present: time and peak memory of each token mixer against the
+number of tokens. PNG and SVG under ``results/plots/`` (or ``--out``), plus ``fits.csv`` with every fitted exponent.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,20 +27,45 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from bench.schema import RUN_COLUMNS  # noqa: E402
 from runio.files import atomic_write  # noqa: E402
 
-# (column, axis label, fit a power law)
-X_AXES: list[tuple[str, str, bool]] = [
-    ("gmacs", "forward GMACs per image (batch 1, no CFG)", True),
-    ("train_compute_gmacs", "training compute (GMACs x 3 x batch x steps)", True),
-    ("params", "parameters", True),
-    ("train_img_per_s", "training throughput (img/s)", False),
+# (column, fit a power law); axis text from AXIS_LABELS
+X_AXES: list[tuple[str, bool]] = [
+    ("gmacs", True),
+    ("train_compute_gmacs", True),
+    ("params", True),
+    ("train_img_per_s", False),
 ]
-REQUIRED = ["backbone", "metric_name", "metric_value", "status", "train_steps", "batch"] + [c for c, _, _ in X_AXES]
+# Human axis text per column / metric name; fd_<dataset>_classifier and fd_<extractor> are matched in axis_label.
+AXIS_LABELS: dict[str, str] = {
+    "gmacs": "forward GMACs per image (batch 1, no CFG)",
+    "train_compute_gmacs": "training compute in GMACs (3 x forward x batch x steps)",
+    "params": "parameters",
+    "train_img_per_s": "training throughput (images/s, higher is better)",
+    "sample_img_per_s": "sampling throughput (images/s, higher is better)",
+    "peak_mem_mb": "peak memory (MB)",
+    "wall_time_s": "wall time (s)",
+    "fid": "FID (Inception, lower is better)",
+    "classifier_accuracy": "classifier accuracy on samples (higher is better)",
+    "kid_mean": "KID (Inception, lower is better)",
+    "isc_mean": "Inception score (higher is better)",
+}
+DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "digits": "digits", "cifar10": "CIFAR-10",
+                 "imagenet": "ImageNet"}
+# The columns that define a training + evaluation recipe when the CSV has no recipe_key.
+RECIPE_COLUMNS = ("dataset", "image_size", "train_steps", "batch", "lr", "num_samples", "sampler", "sample_steps",
+                  "cfg_scale")
+REQUIRED = ["backbone", "metric_name", "metric_value", "status", "train_steps", "batch"] + [c for c, _ in X_AXES]
 TOKEN_TIME_COLUMNS = ("time_ms_median", "fwd_bwd_ms", "time_ms", "median_ms", "ms")  # bench.tokens: the first
 MARKERS = "osD^vP*Xh<>"
+MIN_FIT_X = 3  # distinct x values a backbone needs for a fitted power law (two points always fit exactly)
+MIN_FIT_SPAN = 1.2  # a power law needs x to span at least this factor (near-equal x gives a meaningless slope)
+SAME_RATIO_RTOL = 1e-6  # x / other x constant to this relative tolerance: the figure repeats the other one
 
 plt.rcParams["svg.hashsalt"] = "bench.plots"  # stable SVG ids: re-running gives byte-identical files to commit
 
@@ -45,7 +74,47 @@ class PlotError(RuntimeError):
     """Missing or malformed results; the message names the file and the fix."""
 
 
-MIN_FIT_SPAN = 1.2  # a power law needs x to span at least this factor (near-equal x gives a meaningless slope)
+def dataset_name(name: str) -> str:
+    return DATASET_NAMES.get(name, name)
+
+
+def axis_label(name: str) -> str:
+    """Human text for a column or metric name; the raw name when unknown."""
+    if name in AXIS_LABELS:
+        return AXIS_LABELS[name]
+    if m := re.fullmatch(r"fd_(.+)_classifier", name):
+        return f"Frechet distance in {dataset_name(m[1])} classifier features (lower is better)"
+    if m := re.fullmatch(r"fd_(.+)", name):
+        return f"Frechet distance in {m[1]} features (lower is better)"
+    return name
+
+
+def _plain(v: float) -> str:
+    """A tick value as a plain number: 0.02, 5, 300, 16384, 200k, 1.5M (never 6x10^0)."""
+    if v <= 0 or not math.isfinite(v):
+        return ""
+    if v >= 1e5:
+        scale, suffix = next((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if v >= s)
+        return f"{v / scale:.3g}{suffix}"
+    if v >= 1:
+        return f"{v:.6g}"
+    return f"{v:.3g}" if v >= 1e-4 else f"{v:.1e}"
+
+
+def readable_log_ticks(axis: Any) -> None:
+    """Plain-number tick labels on a log axis (x or y). Minor ticks (2..9 x 10^n) are labelled too when the view
+    spans less than a decade (otherwise a short axis shows a single label or none; 7 and 9 stay bare, too close to
+    their neighbours), 2 and 5 only when it spans less than two decades, none beyond."""
+    def minor(v: float, _pos: Any) -> str:
+        lo, hi = sorted(axis.get_view_interval())
+        span = hi / lo if lo > 0 else math.inf
+        mantissa = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
+        if (span < 10 and mantissa not in (7, 9)) or (span < 100 and mantissa in (2, 5)):
+            return _plain(v)
+        return ""
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: _plain(v)))
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def fit_power_law(x: Any, y: Any) -> tuple[float, float] | None:
@@ -86,11 +155,125 @@ def budget_label(df: pd.DataFrame) -> str:
 
 def _protocol_label(df: pd.DataFrame) -> str:
     parts = []
-    for col, fmt in (("num_samples", "{} samples"), ("sampler", "{}"), ("sample_steps", "{} steps"),
+    for col, fmt in (("lr", "lr {}"), ("num_samples", "{} samples"), ("sampler", "{}"), ("sample_steps", "{} steps"),
                      ("cfg_scale", "cfg {}")):
         if col in df and df[col].nunique(dropna=True) == 1:
             parts.append(fmt.format(_fmt_num(df[col].dropna().iloc[0])))
     return ", ".join(parts)
+
+
+def recipe_keys(df: pd.DataFrame) -> pd.Series:
+    """Per row: its ``recipe_key`` when present and non-empty, else the RECIPE_COLUMNS values joined."""
+    fallback = df.apply(lambda r: "|".join(_fmt_num(r.get(c)) for c in RECIPE_COLUMNS), axis=1).astype(str)
+    if "recipe_key" not in df:
+        return fallback
+    given = df["recipe_key"].astype(str).str.strip()
+    return given.where(df["recipe_key"].notna() & (given != "") & (given != "nan"), fallback)
+
+
+def _recipe_part(df: pd.DataFrame, col: str) -> str:
+    """The short file-name token of one recipe column, "" when the rows have no single value."""
+    vals = df[col].dropna().unique() if col in df else []
+    if len(vals) != 1:
+        return ""
+    v = vals[0]
+    return {"lr": f"lr{_fmt_num(v)}", "num_samples": f"n{_fmt_num(v)}", "sampler": str(v),
+            "sample_steps": f"s{_fmt_num(v)}", "cfg_scale": f"cfg{_fmt_num(v)}"}[col]
+
+
+def recipe_labels(groups: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Short, unique file-name labels of the recipes of one dataset: "steps500-bs128", plus lr / samples / sampler /
+    cfg where recipes differ in them, plus a hash of the recipe key when they still collide."""
+    protocol = ("lr", "num_samples", "sampler", "sample_steps", "cfg_scale")
+    varying = [c for c in protocol if len({_recipe_part(g, c) for g in groups.values()}) > 1]
+    labels = {}
+    for key, g in groups.items():
+        parts = [f"steps{_fmt_num(g['train_steps'].iloc[0])}", f"bs{_fmt_num(g['batch'].iloc[0])}"]
+        labels[key] = "-".join(parts + [p for c in varying if (p := _recipe_part(g, c))])
+    taken = list(labels.values())
+    return {key: f"{label}-{hashlib.sha1(key.encode()).hexdigest()[:6]}" if taken.count(label) > 1 else label
+            for key, label in labels.items()}
+
+
+def _overlap(a: Bbox, b: Bbox) -> float:
+    """Intersection area of two display-space boxes (0 when they only touch or are apart)."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _candidate_offsets(gap: float = 5.0, step: float = 9.0, rings: int = 6) -> list[tuple[float, float, str, str]]:
+    """(dx, dy in points, ha, va): right of the point, its corners and other sides, then the same farther away."""
+    out = []
+    for r in range(rings):
+        d, s = gap + r * step, gap + 1 + r * step
+        out += [(s, 0, "left", "center"), (d, d, "left", "bottom"), (d, -d, "left", "top"),
+                (-s, 0, "right", "center"), (-d, d, "right", "bottom"), (-d, -d, "right", "top"),
+                (0, s, "center", "bottom"), (0, -s, "center", "top")]
+    return out
+
+
+def place_labels(ax: plt.Axes, xs: Any, ys: Any, texts: list[str], colors: list[Any], fontsize: float = 7,
+                 marker_pt: float = 3.5) -> list[Any]:
+    """Annotate each point with its text so that no two labels overlap, nor a label and a marker, nor a label and
+    the axes border, where the candidate offsets allow it. Deterministic greedy repel in display space: points in
+    order of position, each label takes the first free offset of ``_candidate_offsets`` (the least overlapping one
+    when none is free); far offsets get a thin leader line. Call after the scales and limits are final."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    ax.autoscale_view()
+    to_px = fig.dpi / 72.0
+    pts = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    r = marker_pt * to_px
+    markers = [Bbox([[x - r, y - r], [x + r, y + r]]) for x, y in pts]
+    frame = ax.get_window_extent(renderer)
+    placed: list[Bbox] = []
+    anns: list[Any] = [None] * len(texts)
+    for i in sorted(range(len(texts)), key=lambda j: (round(pts[j][0], 3), round(pts[j][1], 3), texts[j])):
+        ann = ax.annotate(texts[i], (xs[i], ys[i]), textcoords="offset points", xytext=(0, 0), fontsize=fontsize,
+                          color=colors[i], zorder=4)
+        best: tuple[float, int, Bbox] | None = None
+        candidates = _candidate_offsets()
+        for c, (dx, dy, ha, va) in enumerate(candidates):
+            ann.xyann = (dx, dy)
+            ann.set_ha(ha)
+            ann.set_va(va)
+            box = label_box(ann, renderer).padded(1.0)
+            outside = box.width * box.height - _overlap(box, frame)
+            cost = sum(_overlap(box, b) for b in placed) + sum(_overlap(box, m) for m in markers) + 2 * outside
+            if best is None or cost < best[0]:
+                best = (cost, c, box)
+            if cost == 0:
+                break
+        assert best is not None
+        dx, dy, ha, va = candidates[best[1]]
+        ann.xyann = (dx, dy)
+        ann.set_ha(ha)
+        ann.set_va(va)
+        if best[1] >= 8:  # beyond the first ring: redraw with a leader line back to the point
+            ann.remove()
+            ann = ax.annotate(texts[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                              fontsize=fontsize, color=colors[i], zorder=4,
+                              arrowprops=dict(arrowstyle="-", lw=0.5, color=colors[i], alpha=0.6, shrinkA=0,
+                                              shrinkB=3))
+        placed.append(best[2])
+        anns[i] = ann
+    return anns
+
+
+def label_box(ann: Any, renderer: Any) -> Bbox:
+    """Display-space box of an annotation's text (its leader line left out)."""
+    ann.update_positions(renderer)
+    return Text.get_window_extent(ann, renderer)
+
+
+def count_label_overlaps(anns: list[Any], renderer: Any = None) -> int:
+    """Number of pairs of annotations whose text boxes intersect."""
+    if not anns:
+        return 0
+    renderer = renderer or anns[0].figure.canvas.get_renderer()
+    boxes = [label_box(a, renderer) for a in anns]
+    return sum(_overlap(boxes[i], boxes[j]) > 0 for i in range(len(boxes)) for j in range(i + 1, len(boxes)))
 
 
 def _atomic_savefig(fig: plt.Figure, path: Path) -> None:
@@ -115,7 +298,8 @@ def _slug(s: Any) -> str:
 def load_runs(csv_path: Path) -> pd.DataFrame:
     """The ``ok`` rows of one runs.csv with numeric columns parsed; raises PlotError on a malformed file."""
     try:
-        df = pd.read_csv(csv_path, dtype={"size": str, "status": str, "metric_name": str, "backbone": str})
+        df = pd.read_csv(csv_path, dtype={"size": str, "status": str, "metric_name": str, "backbone": str,
+                                          "recipe_key": str, "point_key": str})
     except Exception as e:
         raise PlotError(f"cannot read {csv_path}: {e}") from e
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -124,70 +308,120 @@ def load_runs(csv_path: Path) -> pd.DataFrame:
                         f"{', '.join(RUN_COLUMNS)})")
     df = df[df["status"].astype(str).str.strip() == "ok"].copy()
     for c in ["metric_value", "train_steps", "batch", "image_size", "patch", "depth", "width"] + \
-             [c for c, _, _ in X_AXES]:
+             [c for c, _ in X_AXES]:
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce")
     return df.dropna(subset=["metric_value", "train_steps", "batch"])
 
 
-def plot_scaling(df: pd.DataFrame, x_col: str, x_label: str, fit: bool, title_head: str, out_dir: Path,
-                 stem: str, colors: dict[str, Any]) -> tuple[list[Path], list[dict[str, Any]]]:
-    """One metric-vs-x figure (log-log), a marker series and (when ``fit``) a power law per backbone."""
+def plot_scaling(df: pd.DataFrame, x_col: str, fit: bool, title: str, out_dir: Path, stem: str,
+                 colors: dict[str, Any]) -> dict[str, Any]:
+    """One metric-vs-x figure (log-log) of one recipe: a marker series per backbone, a power law per backbone with
+    >= MIN_FIT_X distinct x when ``fit``. Returns {"paths", "fits", "fitted" (backbones), "label_overlaps"}."""
     metric = df["metric_name"].iloc[0]
     d = df[(df[x_col] > 0) & (df["metric_value"] > 0)]
     if len(d) < len(df):
         print(f"bench.plots: {stem}: {len(df) - len(d)} row(s) with non-positive or missing {x_col}/metric "
               f"left out of the log-log plot", file=sys.stderr)
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    fits = []
+    fits: list[dict[str, Any]] = []
+    xs, ys, texts, text_colors = [], [], [], []
     for backbone, g in sorted(d.groupby("backbone"), key=lambda kv: kv[0]):
         g = g.sort_values(x_col)
         color, marker = colors[backbone], MARKERS[sorted(colors).index(backbone) % len(MARKERS)]
-        label = backbone
-        power_law = fit_power_law(g[x_col], g["metric_value"]) if fit and g[x_col].nunique() >= 2 else None
+        label, n_x = backbone, g[x_col].nunique()
+        power_law = fit_power_law(g[x_col], g["metric_value"]) if fit and n_x >= MIN_FIT_X else None
         if power_law is not None:
             k, c = power_law
-            xs = np.geomspace(g[x_col].min(), g[x_col].max(), 50)
-            ax.plot(xs, c * xs ** k, "--", color=color, lw=1.2, alpha=0.8)
+            line_x = np.geomspace(g[x_col].min(), g[x_col].max(), 50)
+            ax.plot(line_x, c * line_x ** k, "--", color=color, lw=1.2, alpha=0.8)
             label = f"{backbone} (fit: ∝ x^{k:.3f})"
             fits.append(dict(x=x_col, backbone=backbone, exponent=k, coefficient=c, points=len(g)))
-        else:  # no fit (throughput axis, or x too narrow for one): connect the points
-            ax.plot(g[x_col], g["metric_value"], "-", color=color, lw=0.8, alpha=0.5)
+        elif fit and n_x < MIN_FIT_X:
+            label = f"{backbone} ({n_x} x value{'s' if n_x != 1 else ''}: no fit, needs {MIN_FIT_X})"
+        elif fit:
+            label = f"{backbone} (x spans < {MIN_FIT_SPAN}x: no fit)"
         ax.scatter(g[x_col], g["metric_value"], color=color, marker=marker, s=36, label=label, zorder=3)
         for _, row in g.iterrows():
-            ax.annotate(point_label(row), (row[x_col], row["metric_value"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color=color)
+            xs.append(row[x_col])
+            ys.append(row["metric_value"])
+            texts.append(point_label(row))
+            text_colors.append(color)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.margins(0.08)
+    readable_log_ticks(ax.xaxis)
+    readable_log_ticks(ax.yaxis)
+    ax.set_xlabel(axis_label(x_col))
+    ax.set_ylabel(axis_label(metric))
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"{title_head}\n{metric} vs {x_label}", fontsize=10)
-    if d["backbone"].nunique():
-        ax.legend(fontsize=8)
-    return _save(fig, out_dir, stem), fits
+    ax.set_title(title, fontsize=10)
+    anns = place_labels(ax, xs, ys, texts, text_colors)
+    if d["backbone"].nunique():  # outside the axes: never on top of points or labels
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    overlaps = count_label_overlaps(anns)
+    return dict(paths=_save(fig, out_dir, stem), fits=fits, fitted=[f["backbone"] for f in fits],
+                label_overlaps=overlaps)
 
 
-def plot_dataset(df: pd.DataFrame, source: str, out_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
-    """All plots of one runs.csv: per (dataset, image size, metric) the four metric-vs-x figures."""
-    paths, fits = [], []
+def _repeats(g: pd.DataFrame, x_col: str, drawn: list[str]) -> str | None:
+    """Why the x_col figure would repeat information: x constant, or x = r * (an x already drawn) with one r for
+    every point; None when it does not."""
+    v = g[x_col][g[x_col] > 0]
+    if v.empty:
+        return f"no positive {x_col}"
+    if v.max() <= v.min() * (1 + SAME_RATIO_RTOL):
+        return f"{x_col} is the same ({_plain(v.iloc[0])}) for every point"
+    for other in drawn:
+        w = g[other].reindex(v.index)
+        if (w > 0).all():
+            ratio = v / w
+            if ratio.max() <= ratio.min() * (1 + SAME_RATIO_RTOL):
+                return f"{x_col} = {ratio.iloc[0]:.6g} x {other} for every point (same figure, same exponents)"
+    return None
+
+
+def plot_dataset(df: pd.DataFrame, source: str, out_dir: Path) -> list[dict[str, Any]]:
+    """All plots of one runs.csv: per recipe and metric, the metric-vs-x figures (none spanning two recipes).
+    Returns one description per figure: {"stem", "paths", "recipe", "dataset", "image_size", "metric_name", "x",
+    "fits", "fitted", "label_overlaps", "skipped"} (``skipped``: the reason, with no paths, or None)."""
+    figures: list[dict[str, Any]] = []
     colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(sorted(df["backbone"].unique()))}
+    df = df.assign(_recipe=recipe_keys(df))
+    # train_steps and batch always split too: even a coarse recipe_key never puts two budgets in one figure.
     keys = [k for k in ("dataset", "image_size", "metric_name") if k in df]
-    for key, g in df.groupby(keys, dropna=False):
+    for key, dm in df.groupby(keys, dropna=False):
         info = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        groups = {"|".join(map(_fmt_num, k)): g for k, g in dm.groupby(["_recipe", "train_steps", "batch"])}
+        labels = recipe_labels(groups)
         dataset = info.get("dataset", source)
         dataset = source if not isinstance(dataset, str) else dataset
         size = info.get("image_size")
         res = f" {int(size)}x{int(size)}" if size is not None and not pd.isna(size) else ""
-        protocol = _protocol_label(g)
-        head = f"{dataset}{res} | {info['metric_name']} | budget {budget_label(g)}" + \
-            (f"\n({protocol})" if protocol else "")
-        for x_col, x_label, fit in X_AXES:
-            stem = _slug(f"{dataset}{res.replace(' ', '_')}_{info['metric_name']}_vs_{x_col}")
-            p, f = plot_scaling(g.dropna(subset=[x_col]), x_col, x_label, fit, head, out_dir, stem, colors)
-            paths += p
-            fits += [dict(dataset=dataset, image_size=size, metric_name=info["metric_name"], **r) for r in f]
-    return paths, fits
+        for rkey, g in groups.items():
+            recipe = labels[rkey]
+            protocol = _protocol_label(g)
+            title = f"{dataset_name(dataset)}{res} | {info['metric_name']} | budget {budget_label(g)}" + \
+                (f"\n({protocol})" if protocol else "")
+            drawn: list[str] = []
+            for x_col, fit in X_AXES:
+                stem = _slug(f"{dataset}{res.replace(' ', '_')}_{info['metric_name']}_vs_{x_col}_{recipe}")
+                desc: dict[str, Any] = dict(stem=stem, paths=[], recipe=recipe, dataset=dataset, image_size=size,
+                                            metric_name=info["metric_name"], x=x_col, fits=[], fitted=[],
+                                            label_overlaps=0, skipped=None)
+                gx = g.dropna(subset=[x_col])
+                desc["skipped"] = _repeats(gx, x_col, drawn)
+                if desc["skipped"]:
+                    print(f"bench.plots: {stem}: not drawn: {desc['skipped']}", file=sys.stderr)
+                    for stale in (out_dir / f"{stem}.{ext}" for ext in ("png", "svg")):  # from an earlier run
+                        stale.unlink(missing_ok=True)
+                else:
+                    desc.update(plot_scaling(gx, x_col, fit, title, out_dir, stem, colors))
+                    desc["fits"] = [dict(dataset=dataset, image_size=size, recipe=recipe,
+                                         metric_name=info["metric_name"], **r) for r in desc["fits"]]
+                    drawn.append(x_col)
+                figures.append(desc)
+    return figures
 
 
 def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
@@ -215,7 +449,7 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
             if g.empty:
                 continue
             name = str(mixer)
-            power_law = fit_power_law(g["tokens"], g[col]) if g["tokens"].nunique() >= 2 else None
+            power_law = fit_power_law(g["tokens"], g[col]) if g["tokens"].nunique() >= MIN_FIT_X else None
             if power_law is not None:
                 k = power_law[0]
                 name += f" (∝ T^{k:.2f})"
@@ -224,6 +458,8 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
             ax.plot(g["tokens"], g[col], marker=MARKERS[i % len(MARKERS)], label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        readable_log_ticks(ax.xaxis)
+        readable_log_ticks(ax.yaxis)
         ax.set_xlabel("tokens T")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
@@ -235,14 +471,16 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
 
 
 def _write_fits(fits: list[dict[str, Any]], path: Path) -> None:
-    cols = ["dataset", "image_size", "device", "metric_name", "x", "backbone", "exponent", "coefficient", "points"]
+    cols = ["dataset", "image_size", "recipe", "device", "metric_name", "x", "backbone", "exponent", "coefficient",
+            "points"]
     atomic_write(path, lambda f: pd.DataFrame(fits, columns=cols).to_csv(f, index=False, float_format="%.10g"),
                  binary=False)
 
 
 def make_plots(results_dir: str | os.PathLike = "results", out_dir: str | os.PathLike | None = None
                ) -> dict[str, Any]:
-    """Every plot for ``results_dir``; returns {"paths": [...], "fits": [...]}. Raises PlotError if nothing to plot."""
+    """Every plot for ``results_dir``; returns {"paths": [...], "fits": [...], "figures": [...]} (figures: the
+    plot_dataset descriptions, skipped ones included). Raises PlotError if nothing to plot."""
     results = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results / "plots"
     if not results.is_dir():
@@ -255,14 +493,16 @@ def make_plots(results_dir: str | os.PathLike = "results", out_dir: str | os.Pat
                         f"(python -m bench.sweep) or bench.tokens first")
     paths: list[Path] = []
     fits: list[dict[str, Any]] = []
+    figures: list[dict[str, Any]] = []
     for csv in run_csvs:
         df = load_runs(csv)
         if df.empty:
             print(f"bench.plots: {csv} has no rows with status ok; skipped", file=sys.stderr)
             continue
-        p, f = plot_dataset(df, csv.parent.name, out)
-        paths += p
-        fits += f
+        figs = plot_dataset(df, csv.parent.name, out)
+        figures += figs
+        paths += [p for fig in figs for p in fig["paths"]]
+        fits += [f for fig in figs for f in fig["fits"]]
     for csv in token_csvs:
         p, f = plot_tokens(csv, out)
         paths += p
@@ -270,7 +510,7 @@ def make_plots(results_dir: str | os.PathLike = "results", out_dir: str | os.Pat
     if not paths:
         raise PlotError(f"nothing to plot under {results}: no successful runs yet")
     _write_fits(fits, out / "fits.csv")
-    return {"paths": paths, "fits": fits}
+    return {"paths": paths, "fits": fits, "figures": figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.plots: {e}", file=sys.stderr)
         return 1
     for f in res["fits"]:
-        print(f"fit {f['dataset']} {f['metric_name']} vs {f['x']}: {f['backbone']} exponent {f['exponent']:.4f} "
-              f"({f['points']} points)")
+        recipe = f" [{f['recipe']}]" if f.get("recipe") else ""
+        print(f"fit {f['dataset']}{recipe} {f['metric_name']} vs {f['x']}: {f['backbone']} exponent "
+              f"{f['exponent']:.4f} ({f['points']} points)")
     print(f"bench.plots: wrote {len(res['paths'])} files to {Path(res['paths'][0]).parent}")
     return 0
 

@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
+from backbones.layers import count_parameters
 from bench.flops import CONVENTION, forward_gmacs
 from bench.results_csv import read_rows, upsert_row
 from diffusion.config import CONF_DIR, ConfigError, to_plain, validate, validate_backbone
@@ -163,7 +164,7 @@ def run_point(point: DictConfig, keys: dict, scorer: Any) -> dict:
         "dataset": point.dataset.name, "image_size": model.input_size, "channels": model.in_channels,
         "backbone": point.backbone.name, "size": arch.get("size", ""), "patch": arch.get("patch") or "",
         "depth": arch.get("depth", ""), "width": arch.get("width", ""),
-        "params": sum(p.numel() for p in model.parameters()), "gmacs": gmacs,
+        "params": count_parameters(model), "gmacs": gmacs,
         "train_steps": point.train.steps, "batch": point.train.batch_size, "lr": point.train.lr,
         "train_compute_gmacs": gmacs * 3 * point.train.batch_size * point.train.steps,
         "num_samples": point.eval.num_samples, "sampler": to_plain(point.eval)["sampler"],
@@ -208,7 +209,7 @@ def make_scorer(cfg: DictConfig) -> Any:
         scorer = metrics.ClassifierMetric(cfg.dataset.name, train_ds.images, train_ds.labels, test_ds.images,
                                           test_ds.labels, cache_dir=cfg.cache_dir, progress=cfg.progress)
     else:
-        scorer = metrics.InceptionMetric(test_ds.images, cache_dir=cfg.cache_dir,
+        scorer = metrics.InceptionMetric(test_ds.images, cache_dir=cfg.cache_dir, progress=cfg.progress,
                                          inception_weights=cfg.eval.inception_weights, device=cfg.device)
     scorer.class_names = train_ds.class_names
     return scorer

@@ -351,7 +351,7 @@ def plain_error(err: BaseException) -> str:
     cause = err
     while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
-    text = str(cause).strip()
+    text = str(cause).strip().split("\nConfig search path")[0]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("object_type",
                                                                                              "reference_type"))]
     return "; ".join(lines) if lines else type(err).__name__

@@ -194,14 +194,6 @@ class GaussianDiffusion:
         return model_output, None
 
     # ---------------------------------------------------------------------------------------- forward process
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log variance of q(x_t | x_0)."""
-        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
-        variance = self._extract("alphas_cumprod", t, x_start).neg().add(1.0).expand_as(x_start)
-        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
-        return mean, variance, log_variance
-
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
         if noise is None:

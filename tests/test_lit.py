@@ -124,7 +124,7 @@ def test_token_mixer_registered():
 # Backbone: presets, names, parameters, GMACs
 # ----------------------------------------------------------------------------------------------------------------
 def test_presets_heads_and_forward():
-    assert {k: v["num_heads"] for k, v in LIT_PRESETS.items()} == {"S": 2, "B": 3, "L": 4, "XL": 4}
+    assert {k: v["num_heads"] for k, v in LIT_PRESETS.items()} == {"S": 2, "B": 3, "L": 4, "XL": 4, "cpu": 2}
     torch.manual_seed(0)
     m = backbones.build("lit", size="S", **TINY)
     assert m.arch == dict(size="S", patch=2, depth=2, width=64, heads=2, kernel_size=5)

@@ -1,11 +1,14 @@
-"""bench.plots on a synthetic runs.csv: files, exact power-law exponents, failed rows, missing results."""
+"""bench.plots on a synthetic runs.csv: files, exact power-law exponents, failed rows, missing results, one figure
+per recipe, axis text, log ticks, label placement."""
 
 from __future__ import annotations
 
 import csv
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 from bench import plots
 from bench.schema import RUN_COLUMNS
@@ -14,13 +17,13 @@ EXPONENTS = {"dit": -0.5, "dico": -0.25}
 
 
 def _row(backbone, size, patch, gmacs, params, **kw):
-    steps, batch = 500, 64
-    a = {"dit": 100.0, "dico": 80.0}[backbone]
+    steps, batch = kw.pop("train_steps", 500), kw.pop("batch", 64)
+    a = {"dit": 100.0, "dico": 80.0, "lit": 100.0}[backbone]
     row = dict.fromkeys(RUN_COLUMNS, "")
-    row.update(point_id=f"{backbone}-{size}-{patch}", dataset="fashion_mnist", image_size=16, channels=1,
+    row.update(point_key=f"{backbone}-{size}-{patch}-s{steps}", dataset="fashion_mnist", image_size=16, channels=1,
                backbone=backbone, size=size, patch=patch, depth=4, width=128, params=params, gmacs=gmacs,
                train_steps=steps, batch=batch, lr=1e-3, train_compute_gmacs=gmacs * 3 * batch * steps,
-               metric_name="fd_fashion_mnist_classifier", metric_value=a * gmacs ** EXPONENTS[backbone],
+               metric_name="fd_fashion_mnist_classifier", metric_value=a * gmacs ** EXPONENTS.get(backbone, -0.5),
                classifier_accuracy=0.5, num_samples=1000, sampler="ddpm", sample_steps=100, cfg_scale=2.0, seed=0,
                train_img_per_s=1000 / gmacs, sample_img_per_s=10.0, peak_mem_mb=100.0, device="cpu",
                status="ok", run_dir="runs/x")
@@ -51,29 +54,36 @@ def test_scaling_plots_from_synthetic_csv(tmp_path, capsys):
 
     assert plots.main(["--results", str(tmp_path / "results")]) == 0
     out = tmp_path / "results" / "plots"
-    for x in ("gmacs", "train_compute_gmacs", "params", "train_img_per_s"):
+    stem = "fashion_mnist_16x16_fd_fashion_mnist_classifier_vs_{}_steps500-bs64"
+    for x in ("gmacs", "params", "train_img_per_s"):
         for ext in ("png", "svg"):
-            f = out / f"fashion_mnist_16x16_fd_fashion_mnist_classifier_vs_{x}.{ext}"
+            f = out / f"{stem.format(x)}.{ext}"
             assert f.is_file() and f.stat().st_size > 1000, f
+    # One budget: training compute = GMACs x 3 x 64 x 500 for every point, the GMACs figure again: not drawn.
+    assert not list(out.glob("*train_compute*"))
+    captured = capsys.readouterr()
+    assert "train_compute_gmacs = 96000 x gmacs" in captured.err
     assert (out / "tokens_cpu.png").is_file() and (out / "tokens_cpu.svg").is_file()
     assert not list(out.glob("*.tmp"))
 
     fits = pd.read_csv(out / "fits.csv")
     scaling = fits[fits["dataset"] == "fashion_mnist"]
-    # Exact power laws: metric = a * gmacs^k; compute and params are proportional to gmacs, so the same k.
-    for x in ("gmacs", "train_compute_gmacs", "params"):
+    # Exact power laws: metric = a * gmacs^k; params are proportional to gmacs, so the same k.
+    for x in ("gmacs", "params"):
         for backbone, k in EXPONENTS.items():
             r = scaling[(scaling["x"] == x) & (scaling["backbone"] == backbone)]
             assert len(r) == 1 and int(r["points"].iloc[0]) == 3  # failed rows ignored
             assert abs(r["exponent"].iloc[0] - k) < 1e-6
-    assert set(scaling["x"]) == {"gmacs", "train_compute_gmacs", "params"}  # no fit on throughput
+    assert set(scaling["x"]) == {"gmacs", "params"}  # no fit on throughput, no skipped figure
+    assert set(scaling["recipe"]) == {"steps500-bs64"}
     tok = fits[(fits["dataset"] == "tokens") & (fits["metric_name"] == "time_ms_median")].set_index("backbone")
     assert abs(tok.loc["attention", "exponent"] - 2.0) < 1e-6 and abs(tok.loc["bi_wkv", "exponent"] - 1.0) < 1e-6
     # Titles carry dataset, metric and budget; the SVG holds the title text.
-    svg = (out / "fashion_mnist_16x16_fd_fashion_mnist_classifier_vs_gmacs.svg").read_text()
-    for s in ("fashion_mnist 16x16", "fd_fashion_mnist_classifier", "budget 500 steps x 64", "x^-0.500"):
+    svg = (out / f"{stem.format('gmacs')}.svg").read_text()
+    for s in ("Fashion-MNIST 16x16", "fd_fashion_mnist_classifier", "budget 500 steps x 64", "x^-0.500",
+              "Frechet distance in Fashion-MNIST classifier features (lower is better)"):
         assert s in svg, s
-    assert "fit" in capsys.readouterr().out
+    assert "fit" in captured.out
 
 
 def test_labels_and_budget():
@@ -104,3 +114,99 @@ def test_missing_or_empty_results(tmp_path, capsys):
     bad.write_text("backbone,status\ndit,ok\n")
     assert plots.main(["--results", str(tmp_path / "bad")]) != 0
     assert "lacks the columns" in capsys.readouterr().err
+
+
+def test_axis_labels_are_human_text():
+    assert plots.axis_label("fd_fashion_mnist_classifier") == \
+        "Frechet distance in Fashion-MNIST classifier features (lower is better)"
+    assert plots.axis_label("fd_digits_classifier").startswith("Frechet distance in digits classifier")
+    assert plots.axis_label("fid") == "FID (Inception, lower is better)"
+    assert plots.axis_label("classifier_accuracy") == "classifier accuracy on samples (higher is better)"
+    assert "GMACs" in plots.axis_label("gmacs") and "training compute" in plots.axis_label("train_compute_gmacs")
+    assert plots.axis_label("params") == "parameters"
+    assert plots.axis_label("some_new_metric") == "some_new_metric"  # unknown: the raw name
+
+
+def _dit_rows(steps, sizes=((0.1, "S"), (0.4, "B"), (1.6, "L")), **kw):
+    return [_row("dit", s, 2, g, g * 1e6, train_steps=steps, **kw) for g, s in sizes]
+
+
+def _figures(tmp_path, rows):
+    _write_runs(tmp_path / "results" / "fashion_mnist" / "runs.csv", rows)
+    return plots.make_plots(tmp_path / "results")["figures"]
+
+
+def _drawn(figures, x="gmacs"):
+    return [f for f in figures if f["x"] == x and not f["skipped"]]
+
+
+def test_one_figure_and_fit_per_recipe(tmp_path):
+    figs = _drawn(_figures(tmp_path, _dit_rows(100) + _dit_rows(500)))
+    assert sorted(f["recipe"] for f in figs) == ["steps100-bs64", "steps500-bs64"]
+    assert len({f["paths"][0] for f in figs}) == 2 and all(p.is_file() for f in figs for p in f["paths"])
+    for f in figs:  # each fit sees its own budget's 3 points, never the 6 of both
+        assert f["fitted"] == ["dit"] and [r["points"] for r in f["fits"]] == [3]
+    # Same budget, recipes differing in lr only (no recipe_key): still apart, the label names the lr.
+    figs = _drawn(_figures(tmp_path, _dit_rows(500, lr=1e-3) + _dit_rows(500, lr=3e-4)))
+    assert sorted(f["recipe"] for f in figs) == ["steps500-bs64-lr0.0003", "steps500-bs64-lr0.001"]
+    # A recipe_key column, when filled, decides: two keys, two figures (labels made unique by a hash).
+    figs = _drawn(_figures(tmp_path, _dit_rows(500, recipe_key="r1") + _dit_rows(500, recipe_key="r2")))
+    assert len({f["recipe"] for f in figs}) == 2
+    assert all(f["recipe"].startswith("steps500-bs64-") for f in figs)
+
+
+def test_fit_needs_three_distinct_x(tmp_path):
+    figs = _figures(tmp_path, _dit_rows(500, sizes=((0.1, "S"), (0.4, "B"))))
+    (fig,) = _drawn(figs)
+    assert fig["fitted"] == [] and fig["fits"] == []
+    assert "2 x values: no fit" in fig["paths"][1].read_text()  # noted in the legend (SVG)
+    (fig,) = _drawn(_figures(tmp_path, _dit_rows(500)))
+    assert fig["fitted"] == ["dit"]
+
+
+def test_repeated_x_figure_is_skipped(tmp_path, capsys):
+    figs = _figures(tmp_path, _dit_rows(500))
+    (skip,) = [f for f in figs if f["x"] == "train_compute_gmacs"]
+    assert skip["skipped"] and "gmacs" in skip["skipped"] and skip["paths"] == []
+    assert "not drawn" in capsys.readouterr().err
+    # Training compute that is not one multiple of GMACs for every point is drawn.
+    rows = _dit_rows(500)
+    rows[0]["train_compute_gmacs"] *= 2
+    assert _drawn(_figures(tmp_path, rows), "train_compute_gmacs")
+
+
+def test_labels_of_coincident_points_do_not_overlap(tmp_path):
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.scatter([1.0, 1.0, 3.0], [5.0, 5.0, 7.0])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    anns = plots.place_labels(ax, [1.0, 1.0, 3.0], [5.0, 5.0, 7.0], ["S/2 d4-w128"] * 3, ["C0", "C1", "C2"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(a, renderer) for a in anns]  # the text, without any leader line
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert plots._overlap(boxes[i], boxes[j]) == 0, (boxes[i], boxes[j])
+    plt.close(fig)
+    # Through the plot: DiT and LiT S/2 at the same GMACs and metric get separate labels.
+    rows = _dit_rows(500) + [_row("lit", s, 2, g, g * 1e6) for g, s in ((0.1, "S"), (0.4, "B"), (1.6, "L"))]
+    (f,) = _drawn(_figures(tmp_path, rows))
+    assert f["label_overlaps"] == 0
+
+
+def test_log_ticks_are_plain_numbers():
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(2, 20)  # one decade: 2 and 5 labelled beside 10 and 20
+    ax.set_ylim(2.3, 13)  # under a decade: the minor ticks 3..9 carry the labels
+    plots.readable_log_ticks(ax.xaxis)
+    plots.readable_log_ticks(ax.yaxis)
+    fig.canvas.draw()
+    for axis, expected in ((ax.xaxis, {"2", "5", "10", "20"}), (ax.yaxis, {"3", "5", "10"})):
+        labels = [t.get_text() for t in axis.get_ticklabels(which="both") if t.get_text()]
+        assert expected <= set(labels), labels
+        for text in labels:
+            float(text)  # plain decimals: no 10^x, no \\times, no mathtext
+    plt.close(fig)
+    assert [plots._plain(v) for v in (0.02, 1024, 2e5, 1.5e6)] == ["0.02", "1024", "200k", "1.5M"]
