@@ -1,8 +1,10 @@
 """Token-mixer scaling: forward+backward time and peak memory of ONE token mixer against the number of tokens.
 
-    python -m bench.tokens [--tokens 256 1024 4096 16384] [--width 384] [--batch 1] [--repeats 5] [--warmup 1]
-                           [--mixers softmax_attention bi_wkv ...] [--budget 1200] [--threads N] [--device cpu]
-                           [--out results/tokens]
+    python -m bench.tokens                                   # T = 256 ... 16384, every mixer, width 384
+    python -m bench.tokens --tokens 256 1024 --mixers bi_wkv softmax_attention --threads 1
+
+Options: --tokens, --width, --batch, --repeats, --warmup, --mixers, --budget (seconds per mixer), --threads,
+--device, --out (CSV folder, default results/tokens), --plots-out (default results/plots).
 
 Every mixer registered with ``backbones.register_token_mixer`` (softmax attention of DiT through SDPA, Bi-WKV of
 Diffusion-RWKV, LiT's linear attention, DiCo's conv mixer, ...) is built for a grid_h x grid_w token grid

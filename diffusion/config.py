@@ -208,7 +208,8 @@ def validate_backbone(bb: Any) -> DictConfig:
     import backbones
 
     if bb is None or (isinstance(bb, str)):
-        raise ConfigError(f"backbone must be chosen with backbone=<name>; available: {', '.join(backbones.available())}")
+        raise ConfigError(f"backbone must be chosen with backbone=<name>; available: "
+                          f"{', '.join(backbones.available())}")
     bb = OmegaConf.create(OmegaConf.to_container(bb, resolve=True) if isinstance(bb, DictConfig) else dict(bb))
     name = bb.get("name")
     if name not in backbones.available():

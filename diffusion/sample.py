@@ -1,7 +1,9 @@
 """Draw class-conditional samples from a trained run to a PNG grid (class names on the columns) and an .npz
 (ADM evaluator layout: uint8 NHWC ``arr_0`` plus ``labels``).
 
-    python -m diffusion.sample runs/fashion_mnist/dit-20261202-101500-1a2b3c --sampler ddim --steps 50 --cfg-scale 2
+    python -m diffusion.sample runs/fashion_mnist/latest --sampler ddim --steps 50 --cfg-scale 2
+
+``runs/<dataset>/latest`` links to the newest run directory of that dataset; any run directory works.
 
 The diffusion settings (schedule, number of steps) come from the run's own typed config; bad options end with
 one line naming the problem (exit 2).

@@ -2,7 +2,7 @@
 
     python -m diffusion.train dataset=fashion_mnist                       # CPU-sized defaults, a few minutes
     python -m diffusion.train backbone=rwkv dataset=digits train.steps=300
-    python -m diffusion.train resume=runs/fashion_mnist/dit-20261202-101500-1a2b3c     # continue exactly
+    python -m diffusion.train resume=runs/fashion_mnist/latest train.steps=1000      # continue (more steps)
     python -m diffusion.train --help
 
 Errors in the config, the data or the run directory end with one line naming the problem and the fix (exit 2);

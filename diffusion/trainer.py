@@ -19,8 +19,8 @@ import copy
 import logging
 import math
 import os
-import signal
 import shutil
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -198,7 +198,7 @@ def build_run(cfg: DictConfig) -> Run:
     resume_ckpt = None
     if cfg.resume:
         resume_ckpt = load_checkpoint(cfg.resume)
-        resume_path = Path(cfg.resume)
+        resume_path = Path(cfg.resume).resolve()  # runs/<dataset>/latest is a symlink
         run_dir = resume_path if resume_path.is_dir() else resume_path.parent.parent
 
     dataset = _load_data(cfg)
@@ -250,12 +250,24 @@ def build_run(cfg: DictConfig) -> Run:
         stem = f"{cfg.backbone.name}-{time.strftime('%Y%m%d-%H%M%S')}-{key.rsplit('-', 1)[1][:6]}"
         run_dir = claim_new_run_dir(cfg.run_dir, Path("runs") / cfg.dataset.name, stem)
         created = True
+        if cfg.run_dir is None:
+            point_latest(run_dir)
     history.append({"session": len(history) + 1, "started": now_text(), "start_step": step, "end_step": step,
                     "target_steps": int(cfg.train.steps), "git_commit": git_commit(), "device": device_name(device),
                     "torch": str(torch.__version__), "changes": {k: list(v) for k, v in changes.items()}})
     return Run(cfg=cfg, run_dir=run_dir, device=device, dataset=dataset, model=model, ema=ema, opt=opt,
                diffusion=diffusion, teacher=teacher, kwargs=kwargs, identity=identity, key=key, step=step,
                history=history, created_dir=created, checkpoint_written=resume_ckpt is not None)
+
+
+def point_latest(run_dir: Path) -> None:
+    """``runs/<dataset>/latest`` -> the newest default run directory (what the README's commands use)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
 
 
 def save_checkpoint(run: Run) -> None:
@@ -449,7 +461,10 @@ def resume_config(resume: str | os.PathLike, overrides: list[str] = ()) -> DictC
 
     from diffusion.config import CONF_DIR, RunConfig, plain_error
 
-    path = Path(resume)
+    if not Path(resume).exists():
+        raise FileNotFoundError(f"resume={resume}: no such run directory; pass a directory written by "
+                                f"diffusion.train (runs/<dataset>/latest is the newest)")
+    path = Path(resume).resolve()
     run_dir = path if path.is_dir() else path.parent.parent
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():

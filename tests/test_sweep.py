@@ -1,13 +1,13 @@
-"""bench.sweep: one atomic CSV row per point, resume, failures recorded, multi-backbone selection."""
+"""bench.sweep: one row per point key, reuse only under the same key, resume, failures recorded, locks."""
 
 import csv
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from bench import sweep
 from bench.schema import RUN_COLUMNS
+from diffusion.config import ConfigError, compose
 from diffusion.trainer import load_checkpoint
 
 TINY_POINTS = {
@@ -17,14 +17,13 @@ TINY_POINTS = {
 }
 
 
-def sweep_config(tmp_path, overrides=()):
+def sweep_config(tmp_path, overrides=(), points=TINY_POINTS):
     base = [f"results_dir={tmp_path / 'results'}", f"runs_root={tmp_path / 'runs'}",
-            f"cache_dir={tmp_path / 'cache'}", "dataset=digits", "sweep.image_size=8", "sweep.num_samples=80",
-            "sweep.train.steps=2", "sweep.train.batch_size=8", "sweep.train.ckpt_every=1", "eval.steps=2",
-            "progress=false", "threads=2"]
-    with initialize_config_dir(config_dir=str(sweep.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="bench", overrides=base + list(overrides))
-    cfg.sweep.points = OmegaConf.create(TINY_POINTS)
+            f"cache_dir={tmp_path / 'cache'}", "dataset=digits", "dataset.image_size=8", "eval.num_samples=80",
+            "train.steps=2", "train.batch_size=8", "train.ckpt_every=1", "eval.steps=2", "progress=false",
+            "threads=2"]
+    cfg = compose("bench", base + list(overrides))
+    cfg.sweep.points = OmegaConf.create(points)
     return cfg
 
 
@@ -35,8 +34,8 @@ def rows(tmp_path):
         return list(reader)
 
 
-def test_sweep_writes_rows_records_failures_and_resumes(tmp_path, capsys):
-    cfg = sweep_config(tmp_path, ["backbones=[dit,lit]"])
+def test_sweep_writes_rows_records_failures_and_reuses_only_same_key(tmp_path, capsys):
+    cfg = sweep_config(tmp_path)
     sweep.run_sweep(cfg)
     out = rows(tmp_path)
     assert [r["status"] for r in out] == ["ok", "ok", "failed"]
@@ -45,63 +44,77 @@ def test_sweep_writes_rows_records_failures_and_resumes(tmp_path, capsys):
     assert ok["metric_name"] == "fd_digits_classifier" and float(ok["metric_value"]) > 0
     assert 0 <= float(ok["classifier_accuracy"]) <= 1
     assert float(ok["train_compute_gmacs"]) == pytest.approx(float(ok["gmacs"]) * 3 * 8 * 2)
-    assert int(ok["params"]) > 0 and float(ok["train_img_per_s"]) > 0 and float(ok["sample_img_per_s"]) > 0
+    assert int(ok["params"]) > 0 and float(ok["sample_img_per_s"]) > 0
+    assert ok["point_key"].startswith("dit-S-2-digits8-s2-") and ok["run_key"] and ok["recipe_key"]
+    assert out[0]["recipe_key"] == out[1]["recipe_key"] != "" and out[0]["run_key"] != out[1]["run_key"]
     assert "divisible" in out[2]["error"]
-    assert "dit" in capsys.readouterr().out  # summary table
 
-    # a rerun skips finished points (their run dirs are not touched) and retries the failed one in place
-    mtime = (tmp_path / "runs" / "digits" / out[0]["point_id"] / "checkpoints" / "last.pt").stat().st_mtime
+    # a rerun reuses finished rows (announced), leaves their run dirs untouched, retries the failed point
+    ckpt = tmp_path / "runs" / "digits" / sweep.point_keys(sweep.point_config(cfg, "dit", TINY_POINTS["dit"][0]),
+                                                           _digits())["train_key"] / "checkpoints" / "last.pt"
+    mtime = ckpt.stat().st_mtime
+    capsys.readouterr()
     sweep.run_sweep(cfg)
+    assert "reusing row dit-S-2-digits8" in capsys.readouterr().out
     again = rows(tmp_path)
-    assert [r["point_id"] for r in again] == [r["point_id"] for r in out]  # no duplicates
-    assert (tmp_path / "runs" / "digits" / out[0]["point_id"] / "checkpoints" / "last.pt").stat().st_mtime == mtime
+    assert [r["point_key"] for r in again] == [r["point_key"] for r in out]  # no duplicates
+    assert ckpt.stat().st_mtime == mtime
+
+    # a changed recipe is a new point: new rows, the old ones stay distinguishable
+    sweep.run_sweep(sweep_config(tmp_path, ["train.lr=5e-4"], {"dit": TINY_POINTS["dit"][:1]}))
+    after = rows(tmp_path)
+    assert len(after) == 4 and after[-1]["lr"] == "0.0005" and after[-1]["point_key"] != out[0]["point_key"]
+
+    # only the evaluation changed: a new row, but the trained checkpoint is reused (announced)
+    capsys.readouterr()
+    sweep.run_sweep(sweep_config(tmp_path, ["eval.cfg_scale=1.5"], {"dit": TINY_POINTS["dit"][:1]}))
+    assert "reusing the trained checkpoint" in capsys.readouterr().out
+    assert len(rows(tmp_path)) == 5 and ckpt.stat().st_mtime == mtime
+
+
+def _digits():
+    from diffusion.data import load_dataset
+
+    return load_dataset("digits", "train", 8)
 
 
 def test_interrupted_point_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    cfg = sweep_config(tmp_path, ["backbone=dit", "sweep.train.steps=3"])
-    calls = []
-    real_score = None
+    cfg = sweep_config(tmp_path, ["backbone=dit", "train.steps=3"], {"dit": TINY_POINTS["dit"]})
+    real = sweep.make_scorer
 
-    class Boom(Exception):
-        pass
-
-    def failing_make_scorer(cfg):
-        nonlocal real_score
-        real_score = make_scorer(cfg)
-
+    def interrupted_scorer(cfg):
         class S:
+            class_names = None
+
             def score(self, samples, labels):
-                calls.append(len(samples))
                 raise KeyboardInterrupt  # killed during evaluation, after training finished
         return S()
 
-    make_scorer = sweep.make_scorer
-    monkeypatch.setattr(sweep, "make_scorer", failing_make_scorer)
+    monkeypatch.setattr(sweep, "make_scorer", interrupted_scorer)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(cfg)
     assert not (tmp_path / "results" / "digits" / "runs.csv").exists()  # no half row
-    pid = sweep.point_id("dit", TINY_POINTS["dit"][0], cfg)
-    assert load_checkpoint(tmp_path / "runs" / "digits" / pid)["step"] == 3
-    monkeypatch.setattr(sweep, "make_scorer", make_scorer)
+    keys = sweep.point_keys(sweep.point_config(cfg, "dit", TINY_POINTS["dit"][0]), _digits())
+    run_dir = tmp_path / "runs" / "digits" / keys["train_key"]
+    assert load_checkpoint(run_dir)["step"] == 3
+    monkeypatch.setattr(sweep, "make_scorer", real)
     sweep.run_sweep(cfg)
     assert [r["status"] for r in rows(tmp_path)] == ["ok", "ok"]
-    assert load_checkpoint(tmp_path / "runs" / "digits" / pid)["step"] == 3  # not retrained
+    assert load_checkpoint(run_dir)["step"] == 3 and len(load_checkpoint(run_dir)["config"]["history"]) == 1
+
+
+def test_a_point_locked_by_another_sweep_is_skipped(tmp_path, capsys):
+    cfg = sweep_config(tmp_path, ["backbone=dit"], {"dit": TINY_POINTS["dit"][:1]})
+    keys = sweep.point_keys(sweep.point_config(cfg, "dit", TINY_POINTS["dit"][0]), _digits())
+    lock = tmp_path / "runs" / "digits" / (keys["train_key"] + ".lock")
+    with sweep.point_lock(lock):
+        sweep.run_sweep(cfg)
+    assert "being trained by another sweep" in capsys.readouterr().out
+    assert not (tmp_path / "results" / "digits" / "runs.csv").exists()
 
 
 def test_unknown_backbone_and_missing_grid_entry_are_clear_errors(tmp_path):
-    with pytest.raises(KeyError, match="available backbones"):
-        sweep.grid_points(sweep_config(tmp_path, ["backbones=[nope]"]))
-    with pytest.raises(ValueError, match="has no points for backbone 'dico'"):
-        sweep.grid_points(sweep_config(tmp_path, ["backbone=dico"]))
-
-
-def test_upsert_replaces_rows_atomically(tmp_path):
-    path = tmp_path / "runs.csv"
-    sweep.upsert_row(path, {"point_id": "a", "status": "failed", "error": "x, with comma"})
-    sweep.upsert_row(path, {"point_id": "b", "status": "ok"})
-    sweep.upsert_row(path, {"point_id": "a", "status": "ok"})
-    got = sweep.read_rows(path)
-    assert [(r["point_id"], r["status"]) for r in got] == [("b", "ok"), ("a", "ok")]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    with pytest.raises(KeyError, match="not in bench.schema"):
-        sweep.upsert_row(path, {"point_id": "c", "bogus": 1})
+    with pytest.raises(ConfigError, match="Could not find 'backbone/nope'"):
+        sweep_config(tmp_path, ["backbone=nope"])
+    with pytest.raises(ConfigError, match="has no points for backbone 'dico'"):
+        sweep.selected_backbones(sweep_config(tmp_path, ["backbone=dico"]))

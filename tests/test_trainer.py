@@ -107,7 +107,7 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_resume_with_other_backbone_config_is_refused(tmp_path):
     train(train_config(tmp_path, TINY_DIT + ["train.steps=2"]))
-    with pytest.raises(ValueError, match=r"backbone.depth: 2 -> 3.*backbone.hidden_size: 64 -> 64|backbone.depth: 2 -> 3"):
+    with pytest.raises(ValueError, match=r"backbone.depth: 2 -> 3"):
         train(train_config(tmp_path, ["backbone=dit", "backbone.depth=3", "backbone.hidden_size=64",
                                       "backbone.num_heads=4", f"resume={tmp_path}"]))
 
