@@ -61,6 +61,8 @@ class DatasetConfig:
     name: str = MISSING             # digits | fashion_mnist
     image_size: Optional[int] = None  # None keeps the native size
     root: Optional[str] = None      # folder with the files (Fashion-MNIST idx); None = the default location
+    random_flip: bool = False       # random horizontal flips (ADM / DiT), drawn per step from the run seed
+    workers: int = 0                # DataLoader worker processes (0 = load in the training process)
 
 
 @dataclass
@@ -284,6 +286,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         cfg.backbone = validate_backbone(cfg.backbone)
     if cfg.dataset.name not in DATASETS:
         raise ConfigError(f"dataset.name={cfg.dataset.name!r} is unknown; choose one of {', '.join(DATASETS)}")
+    _check(cfg.dataset.workers >= 0, "dataset.workers", cfg.dataset.workers, "an integer >= 0")
     if cfg.dataset.image_size is not None:
         _check(cfg.dataset.image_size >= 2, "dataset.image_size", cfg.dataset.image_size, "an integer >= 2")
     _check(cfg.diffusion.diffusion_steps >= 2, "diffusion.diffusion_steps", cfg.diffusion.diffusion_steps, ">= 2")

@@ -74,6 +74,50 @@ class ImageDataset:
         idx = self.batch_indices(step, batch_size, seed)
         return self.images[idx], self.labels[idx]
 
+    # torch.utils.data.Dataset protocol (a DataLoader fetches whole batches through __getitems__)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """The indices of this rank's share of each global batch, from ``start_step`` on.
+
+    The global batch of a step is a pure function of (seed, step) (:meth:`ImageDataset.batch_indices`); rank r of
+    a world of W takes its r-th contiguous slice. So the data a run sees does not depend on the world size or on
+    where it was resumed, and no sampler state needs saving (the role DistributedSampler plays elsewhere)."""
+
+    def __init__(self, dataset: ImageDataset, global_batch: int, seed: int, start_step: int, steps: int,
+                 rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} (the global batch) is not divisible by the "
+                             f"{world_size} processes; choose a multiple of {world_size}")
+        self.dataset, self.global_batch, self.seed = dataset, global_batch, seed
+        self.start_step, self.steps, self.rank, self.local = start_step, steps, rank, global_batch // world_size
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start_step, 0)
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            idx = self.dataset.batch_indices(step, self.global_batch, self.seed)
+            yield idx[self.rank * self.local:(self.rank + 1) * self.local].tolist()
+
+
+def batch_loader(dataset: ImageDataset, global_batch: int, seed: int, start_step: int, steps: int, rank: int = 0,
+                 world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding (images, labels) of this rank's slice of every global batch, step by step."""
+    sampler = StepBatchSampler(dataset, global_batch, seed, start_step, steps, rank, world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_as_batch, num_workers=workers,
+                                       pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Area-downsample (exact box average for integer factors) or bilinearly upsample square images."""

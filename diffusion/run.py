@@ -77,7 +77,8 @@ def run_identity(plain_cfg: dict, backbone_kwargs: dict, precision: str) -> dict
     distill = plain_cfg.get("distill") or {}
     return {
         "backbone": {"name": plain_cfg["backbone"]["name"], **backbone_kwargs},
-        "dataset": {"name": plain_cfg["dataset"]["name"], "image_size": backbone_kwargs.get("input_size")},
+        "dataset": {"name": plain_cfg["dataset"]["name"], "image_size": backbone_kwargs.get("input_size"),
+                    "random_flip": bool(plain_cfg["dataset"].get("random_flip", False))},
         "diffusion": dict(plain_cfg["diffusion"]),
         "train": train,
         "seed": plain_cfg["seed"],

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from runio.dist import World, gather_to_main
 from runio.files import atomic_write
 
 SAMPLERS = ("ddpm", "ddim")
@@ -37,11 +38,14 @@ def sample_images(model: nn.Module, labels: torch.Tensor, *, sampler: str = "ddp
                   cfg_scale: float = 1.0, seed: int = 0, learn_sigma: bool | None = None,
                   noise_schedule: str = "linear", diffusion_steps: int = 1000, batch_size: int = 256,
                   device: torch.device | str | None = None, progress: bool = False,
-                  guided_channels: int | None = None, clip_denoised: bool = True) -> torch.Tensor:
+                  guided_channels: int | None = None, clip_denoised: bool = True,
+                  world: World | None = None) -> torch.Tensor | None:
     """Class-conditional samples in [-1, 1], shape (len(labels), C, H, W).
 
     CFG (scale > 1) runs the model on a doubled batch with the null class ``num_classes`` (DiT's
-    ``forward_with_cfg``). Deterministic for a given seed (one CPU generator draws all the noise).
+    ``forward_with_cfg``). Deterministic: chunk i of ``batch_size`` labels draws its noise from its own generator
+    seeded by (seed, i), so under torchrun (``world``) rank r samples chunks r, r + W, ... and the set gathered on
+    rank 0 (None on the other ranks) is the same as a single process draws, whatever the world size.
     ``clip_denoised`` clips the predicted x0 to [-1, 1] at every step: right for pixel-space data in [-1, 1] (ADM's
     default; without it DDIM can diverge for weak models), wrong for unbounded VAE latents (DiT passes False).
     """
@@ -56,11 +60,14 @@ def sample_images(model: nn.Module, labels: torch.Tensor, *, sampler: str = "ddp
                                  diffusion_steps=diffusion_steps)
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    world = world or World()
     shape = (model.in_channels, model.input_size, model.input_size)
     out = []
+    starts = list(range(0, len(labels), batch_size))
     try:
-        for start in range(0, len(labels), batch_size):
+        for chunk in range(world.rank, len(starts), world.size):
+            start = starts[chunk]
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
             y = labels[start:start + batch_size].to(device)
             n = len(y)
             z = torch.randn((n, *shape), generator=generator).to(device)
@@ -78,7 +85,22 @@ def sample_images(model: nn.Module, labels: torch.Tensor, *, sampler: str = "ddp
             out.append(x[:n].float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out, 0)
+    shape_empty = torch.empty((0, *shape))
+    mine = [(chunk, x) for chunk, x in zip(range(world.rank, len(starts), world.size), out)]
+    if not world.distributed:
+        return torch.cat([x for _, x in mine] or [shape_empty], 0)
+    gathered = gather_to_main(torch.cat([x for _, x in mine] or [shape_empty], 0), world)
+    if gathered is None:
+        return None
+    # rank r's part holds chunks r, r + W, ...: put every chunk back in its place
+    sizes = [min(batch_size, len(labels) - s) for s in starts]
+    owners = [list(range(r, len(starts), world.size)) for r in range(world.size)]
+    pieces, offset = {}, 0
+    for r in range(world.size):
+        for chunk in owners[r]:
+            pieces[chunk] = gathered[offset:offset + sizes[chunk]]
+            offset += sizes[chunk]
+    return torch.cat([pieces[c] for c in range(len(starts))], 0)
 
 
 def class_grid_labels(num_classes: int, per_class: int, max_classes: int = 10) -> torch.Tensor:

@@ -37,7 +37,7 @@ import backbones
 from backbones.layers import count_parameters, drop_labels
 from diffusion import create_diffusion
 from diffusion.config import ConfigError, to_plain, validate
-from diffusion.data import ImageDataset, load_dataset
+from diffusion.data import ImageDataset, batch_loader, load_dataset
 from diffusion.run import (
     LOG_COLUMNS,
     check_resume,
@@ -49,6 +49,7 @@ from diffusion.run import (
     run_lock,
     steady_throughput,
 )
+from runio.dist import World, all_ranks_ok, barrier, broadcast, init_world, mean_over_ranks
 from runio.env import PeakMemory, device_name, git_commit, resolve_device
 from runio.files import atomic_torch_save, atomic_write_text, load_file, read_state_dict
 
@@ -174,6 +175,9 @@ class Run:
     history: list = field(default_factory=list)
     created_dir: bool = False
     checkpoint_written: bool = False
+    world: World = field(default_factory=World)
+    loss_module: nn.Module | None = None  # the backbone's training_losses, DDP-wrapped under torchrun
+    batches: Any = None                   # iterator over this rank's (images, labels) slices, one per step
 
     @property
     def session(self) -> dict:
@@ -192,7 +196,10 @@ def build_run(cfg: DictConfig) -> Run:
     """Everything a training session needs, from a validated config: fresh (a new run directory) or resumed
     (``cfg.resume``: the checkpoint's identity must match unless ``allow_changes`` lists the difference)."""
     cfg = validate(cfg)
-    device = resolve_device(cfg.device)
+    world, device = init_world(resolve_device(cfg.device))
+    if cfg.train.batch_size % world.size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
+                          f"{world.size} processes; choose a multiple of {world.size}")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     resume_ckpt = None
@@ -248,16 +255,37 @@ def build_run(cfg: DictConfig) -> Run:
     else:
         ema.load_state_dict(model.state_dict())
         stem = f"{cfg.backbone.name}-{time.strftime('%Y%m%d-%H%M%S')}-{key.rsplit('-', 1)[1][:6]}"
-        run_dir = claim_new_run_dir(cfg.run_dir, Path("runs") / cfg.dataset.name, stem)
-        created = True
-        if cfg.run_dir is None:
-            point_latest(run_dir)
+        run_dir = None
+        if world.is_main:  # rank 0 claims the directory; every rank agrees on it
+            run_dir = claim_new_run_dir(cfg.run_dir, Path("runs") / cfg.dataset.name, stem)
+            if cfg.run_dir is None:
+                point_latest(run_dir)
+        run_dir = Path(broadcast(None if run_dir is None else str(run_dir), world))
+        created = world.is_main
     history.append({"session": len(history) + 1, "started": now_text(), "start_step": step, "end_step": step,
                     "target_steps": int(cfg.train.steps), "git_commit": git_commit(), "device": device_name(device),
                     "torch": str(torch.__version__), "changes": {k: list(v) for k, v in changes.items()}})
+    loss_module: nn.Module = _TrainingLoss(model, diffusion)
+    if world.distributed:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = iter(batch_loader(dataset, cfg.train.batch_size, cfg.seed, step, cfg.train.steps, world.rank,
+                                world.size, cfg.dataset.workers, pin_memory=device.type == "cuda"))
     return Run(cfg=cfg, run_dir=run_dir, device=device, dataset=dataset, model=model, ema=ema, opt=opt,
                diffusion=diffusion, teacher=teacher, kwargs=kwargs, identity=identity, key=key, step=step,
-               history=history, created_dir=created, checkpoint_written=resume_ckpt is not None)
+               history=history, created_dir=created, checkpoint_written=resume_ckpt is not None, world=world,
+               loss_module=loss_module, batches=batches)
+
+
+class _TrainingLoss(nn.Module):
+    """The backbone's own loss hook as a module, so that DDP can wrap it and synchronise the gradients."""
+
+    def __init__(self, model: nn.Module, diffusion: Any):
+        super().__init__()
+        self.model, self.diffusion = model, diffusion
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor) -> dict:
+        return self.model.training_losses(self.diffusion, x, t, y, noise)
 
 
 def point_latest(run_dir: Path) -> None:
@@ -272,6 +300,8 @@ def point_latest(run_dir: Path) -> None:
 
 def save_checkpoint(run: Run) -> None:
     run.session["end_step"] = run.step
+    if not run.world.is_main:
+        return
     atomic_torch_save({"model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
                        "step": run.step, "config": run.checkpoint_config()},
                       run.run_dir / "checkpoints" / "last.pt")
@@ -282,18 +312,25 @@ def save_checkpoint(run: Run) -> None:
 def train_step(run: Run) -> dict[str, float]:
     """One optimisation step at ``run.step`` (then incremented); returns the logged metrics."""
     cfg, tc, model = run.cfg, run.cfg.train, run.model
-    x, y = run.dataset.batch(run.step, tc.batch_size, cfg.seed)
+    x, y = next(run.batches)  # this rank's slice of the global batch of this step
+    # Everything random is drawn for the GLOBAL batch from (seed, step), then sliced: the same whatever the
+    # world size. Order of draws: t, noise, label dropout, flips.
     seed = step_seed(cfg.seed, run.step)
     gen = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, run.diffusion.num_timesteps, (x.shape[0],), generator=gen)
-    noise = torch.randn(x.shape, generator=gen)
-    y = drop_labels(y, tc.class_dropout_prob, model.num_classes, generator=gen)  # once, for model and teacher
-    torch.manual_seed(seed)  # randomness inside the model (drop-path)
+    B, rank_slice = tc.batch_size, slice(run.world.rank * x.shape[0], (run.world.rank + 1) * x.shape[0])
+    t = torch.randint(0, run.diffusion.num_timesteps, (B,), generator=gen)[rank_slice]
+    noise = torch.randn((B, *x.shape[1:]), generator=gen)[rank_slice]
+    drop = torch.rand(B, generator=gen)[rank_slice] < tc.class_dropout_prob
+    y = drop_labels(y, tc.class_dropout_prob, model.num_classes, force_drop_ids=drop.long())  # for model and teacher
+    if cfg.dataset.random_flip:
+        flip = torch.rand(B, generator=gen)[rank_slice] < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    torch.manual_seed(seed + run.world.rank)  # randomness inside the model (drop-path), per rank
     x, y, t, noise = (v.to(run.device, non_blocking=True) for v in (x, y, t, noise))
     precision = run.identity["train"]["precision"]
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:
-        terms = model.training_losses(run.diffusion, x, t, y, noise)
+        terms = run.loss_module(x, t, y, noise)
         loss = terms["loss"]
         distill = None
         if run.teacher is not None:
@@ -305,8 +342,8 @@ def train_step(run: Run) -> dict[str, float]:
                                                cfg.distill.lambda_eps, cfg.distill.lambda_var)
             loss = loss + distill
         loss = loss.mean()
-    if not torch.isfinite(loss):
-        raise DivergenceError(_divergence_message(run, f"non-finite loss {loss.item()}"))
+    if not all_ranks_ok(bool(torch.isfinite(loss)), run.world, run.device):  # one rank's NaN stops them all
+        raise DivergenceError(_divergence_message(run, f"non-finite loss ({loss.item()} on rank {run.world.rank})"))
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
@@ -317,9 +354,10 @@ def train_step(run: Run) -> dict[str, float]:
     run.step += 1
     zero = loss.new_zeros(())
     aux = terms.get("aux")
-    values = torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(),
-                          aux.detach().mean() if aux is not None else zero,
-                          distill.detach().mean() if distill is not None else zero]).tolist()  # one host sync
+    values = mean_over_ranks(torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(),
+                                          aux.detach().mean() if aux is not None else zero,
+                                          distill.detach().mean() if distill is not None else zero]).float(),
+                             run.world).tolist()  # one host sync
     return dict(zip(("loss", "mse", "vb", "aux", "distill"), values), grad_norm=grad_norm)
 
 
@@ -360,7 +398,7 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
     t_start = time.time()
     run = build_run(cfg)
     try:
-        with run_lock(run.run_dir):
+        with run_lock(run.run_dir) if run.world.is_main else contextlib.nullcontext():
             return _train_session(run, on_step, t_start)
     except BaseException:
         if run.created_dir and not run.checkpoint_written:  # nothing worth keeping: leave no empty run directory
@@ -371,24 +409,26 @@ def train(cfg: DictConfig, on_step: Callable[[int, dict], None] | None = None) -
 def _train_session(run: Run, on_step: Callable[[int, dict], None] | None, t_start: float) -> dict:
     from tqdm.auto import tqdm
 
-    cfg, tc = run.cfg, run.cfg.train
-    atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
+    cfg, tc, main = run.cfg, run.cfg.train, run.world.is_main
     log_path = run.run_dir / "log.csv"
     previous = read_log(log_path, run.step)  # rows after the checkpoint and torn rows are dropped
-    atomic_write_text(log_path, ",".join(LOG_COLUMNS) + "\n" +
-                      "".join(",".join(str(r[c]) for c in LOG_COLUMNS) + "\n" for r in previous))
+    if main:  # rank 0 alone writes the run directory
+        atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_plain(cfg))))
+        atomic_write_text(log_path, ",".join(LOG_COLUMNS) + "\n" +
+                          "".join(",".join(str(r[c]) for c in LOG_COLUMNS) + "\n" for r in previous))
     session = run.session["session"]
     n_params = count_parameters(run.model)
     log.info("%s %s: %.3fM params, dataset %s %s, device %s, run %s (key %s)", cfg.backbone.name, run.model.arch,
              n_params / 1e6, run.dataset.name, tuple(run.dataset.images.shape[1:]), run.device, run.run_dir, run.key)
 
     bar = tqdm(total=tc.steps, initial=run.step, desc=f"train {cfg.backbone.name}", dynamic_ncols=True,
-               disable=not cfg.progress)
+               disable=not cfg.progress or not main)
     run.model.train()
     rows: list[dict] = []
     window_start, window_images, first_window = time.time(), 0, True
     metrics: dict = {}
-    with PeakMemory(run.device) as mem, _graceful_interrupt() as stop, open(log_path, "a", newline="") as log_file:
+    log_file = open(log_path, "a", newline="") if main else open(os.devnull, "w")
+    with PeakMemory(run.device) as mem, _graceful_interrupt() as stop, log_file:
         try:
             while run.step < tc.steps:
                 metrics = train_step(run)
@@ -412,7 +452,7 @@ def _train_session(run: Run, on_step: Callable[[int, dict], None] | None, t_star
                     save_checkpoint(run)
                 if on_step is not None:
                     on_step(run.step, metrics)
-                if stop.is_set():
+                if all_ranks_stop(stop.is_set(), run):
                     log_file.flush()
                     save_checkpoint(run)
                     raise Interrupted(run.step, run.run_dir)
@@ -420,15 +460,21 @@ def _train_session(run: Run, on_step: Callable[[int, dict], None] | None, t_star
             bar.close()
     run.session.update(img_per_s=steady_throughput(rows), peak_mem_mb=mem.peak_mb, finished=now_text())
     save_checkpoint(run)  # also when no step ran (train.steps reached, or 0: keeps the inherited init)
+    barrier(run.world)
 
     summary: dict[str, Any] = {"run_dir": str(run.run_dir), "key": run.key, "steps": run.step, "params": n_params,
                                "final_loss": metrics.get("loss", float(previous[-1]["loss"]) if previous else
                                                          float("nan")),
                                "train_img_per_s": run.session["img_per_s"], "peak_mem_mb": mem.peak_mb,
                                "wall_time_s": time.time() - t_start}
-    if cfg.sample.per_class > 0:
+    if cfg.sample.per_class > 0 and main:
         summary["samples"] = str(draw_samples(run))
     return summary
+
+
+def all_ranks_stop(requested: bool, run: Run) -> bool:
+    """Ctrl-C on any rank (torchrun forwards it to all) stops every rank after the same step."""
+    return not all_ranks_ok(not requested, run.world, run.device)
 
 
 def draw_samples(run: Run) -> Path:
@@ -459,7 +505,7 @@ def resume_config(resume: str | os.PathLike, overrides: list[str] = ()) -> DictC
     ``allow_changes``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from diffusion.config import CONF_DIR, RunConfig, plain_error
+    from diffusion.config import CONF_DIR, DatasetConfig, RunConfig, plain_error
 
     if not Path(resume).exists():
         raise FileNotFoundError(f"resume={resume}: no such run directory; pass a directory written by "
@@ -484,7 +530,7 @@ def resume_config(resume: str | os.PathLike, overrides: list[str] = ()) -> DictC
             if key in ("backbone", "dataset") and isinstance(value, str):  # a config-group choice
                 group = OmegaConf.load(CONF_DIR / key / f"{value}.yaml")
                 group.pop("defaults", None)
-                cfg[key] = group
+                cfg[key] = OmegaConf.merge(OmegaConf.structured(DatasetConfig), group) if key == "dataset" else group
             else:
                 OmegaConf.update(cfg, key, value, merge=True)
     except Exception as e:
