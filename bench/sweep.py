@@ -20,6 +20,7 @@ bench/schema.py) through ``bench.results_csv`` (validated on read, atomic under 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import sys
@@ -41,6 +42,7 @@ from diffusion.config import CONF_DIR, ConfigError, to_plain, validate, validate
 from diffusion.data import ImageDataset, load_dataset
 from diffusion.run import digest, read_log, run_identity, run_key, steady_throughput
 from diffusion.trainer import backbone_kwargs, build_from_checkpoint, effective_precision, load_checkpoint, train
+from runio.dist import World, broadcast, init_world
 from runio.env import device_name, git_commit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -131,15 +133,25 @@ def say(cfg: DictConfig, text: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # One point
 # ----------------------------------------------------------------------------------------------------------------
-def run_point(point: DictConfig, keys: dict, scorer: Any) -> dict:
-    """Train (or resume / reuse) the point's run, then count, sample and score it. Returns its CSV row."""
+def run_point(point: DictConfig, keys: dict, scorer: Any, world: World = World()) -> dict | None:
+    """Train (or resume / reuse) the point's run, then count, sample and score it. Returns its CSV row (on rank 0;
+    None on the other ranks of a torchrun job, which train and sample their shares)."""
     from diffusion.sampling import sample_images, save_grid, to_uint8
 
     t0 = time.time()
     device = resolve_device(point.device)
     run_dir = Path(point.runs_root) / point.dataset.name / keys["train_key"]
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    with point_lock(run_dir.with_name(run_dir.name + ".lock")):
+    with contextlib.ExitStack() as stack:
+        busy = None
+        if world.is_main:
+            try:
+                stack.enter_context(point_lock(run_dir.with_name(run_dir.name + ".lock")))
+            except PointBusy as e:
+                busy = str(e)
+        busy = broadcast(busy, world)
+        if busy:
+            raise PointBusy(busy)
         done = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0
         if done >= point.train.steps:
             say(point, f"reusing the trained checkpoint {ckpt_path} (same run key {keys['run_key']}, step {done})")
@@ -155,6 +167,16 @@ def run_point(point: DictConfig, keys: dict, scorer: Any) -> dict:
         raise RuntimeError(f"{ckpt_path} holds run {ckpt['config'].get('key')}, not {keys['run_key']}; move it aside")
     model = build_from_checkpoint(ckpt, use_ema=True).to(device)
     arch = model.arch
+    if world.distributed:  # every rank samples its share of the evaluation set; rank 0 scores it
+        labels = torch.arange(point.eval.num_samples) % model.num_classes
+        _ = sample_images(model, labels, sampler=to_plain(point.eval)["sampler"], steps=point.eval.steps,
+                          cfg_scale=point.eval.cfg_scale, seed=point.eval.seed,
+                          noise_schedule=to_plain(point.diffusion)["noise_schedule"],
+                          diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
+                          device=device, progress=False, clip_denoised=point.eval.clip_denoised, world=world) \
+            if not world.is_main else None
+        if not world.is_main:
+            return None
     say(point, f"counting GMACs of {point.backbone.name} {arch} ...")
     gmacs = forward_gmacs(model, model.input_size, model.in_channels)
     history = ckpt["config"].get("history") or []
@@ -180,7 +202,8 @@ def run_point(point: DictConfig, keys: dict, scorer: Any) -> dict:
                             cfg_scale=point.eval.cfg_scale, seed=point.eval.seed,
                             noise_schedule=to_plain(point.diffusion)["noise_schedule"],
                             diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
-                            device=device, progress=point.progress, clip_denoised=point.eval.clip_denoised)
+                            device=device, progress=point.progress, clip_denoised=point.eval.clip_denoised,
+                            world=world)
     row["sample_img_per_s"] = len(labels) / (time.time() - ts)
     scores = scorer.score(to_uint8(samples), labels)  # scored as saved images: 8-bit (DiT's protocol)
     ncol = min(model.num_classes, 10)
@@ -230,6 +253,9 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
     cfg = validate(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    world, _ = init_world(resolve_device(cfg.device))  # under torchrun every point trains and samples on all ranks
+    if not world.is_main:
+        cfg.progress = False
     names = selected_backbones(cfg)
     points = [(n, dict(p)) for n in names for p in to_plain(cfg.sweep.points[n])]
     csv_path = Path(cfg.results_dir) / cfg.dataset.name / "runs.csv"
@@ -245,15 +271,18 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
             point = point_config(cfg, name, overrides)
             keys = point_keys(point, dataset)
             bar.set_postfix_str(keys["point_key"][:60])
-            previous = {r[ROW_KEY]: r for r in read_rows(csv_path)}.get(keys["point_key"])
+            previous = broadcast({r[ROW_KEY]: r for r in read_rows(csv_path)}.get(keys["point_key"])
+                                 if world.is_main else None, world)
             if previous is not None and previous.get("status") == "ok":
                 say(cfg, f"reusing row {keys['point_key']} of {csv_path} (same key; commit "
                          f"{previous.get('git_commit')}, run {previous.get('run_dir')})")
                 rows.append(previous)
                 continue
-            if scorer is None:
+            if scorer is None and world.is_main:
                 scorer = make_scorer(cfg)
-            row = run_point(point, keys, scorer)
+            row = run_point(point, keys, scorer, world)
+            if row is None:  # not rank 0
+                continue
         except KeyboardInterrupt:
             raise
         except PointBusy as e:
@@ -262,13 +291,14 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
         except Exception as e:  # a failing point is recorded and the sweep goes on
             log.error("point %s %s failed:\n%s", name, overrides, traceback.format_exc())
             row = _failed_row(point if "point" in locals() else cfg, name, keys, e)
-            if not keys:  # invalid before it had a key: nothing to record under
+            if not keys or not world.is_main:  # invalid before it had a key: nothing to record under
                 rows.append(row)
                 continue
         upsert_row(csv_path, row, key=ROW_KEY)
         rows.append(row)
     bar.close()
-    print_summary(rows)
+    if world.is_main:
+        print_summary(rows)
     return rows
 
 

@@ -29,8 +29,24 @@ class World:
         return self.size > 1
 
 
+def _from_slurm() -> None:
+    """Inside a multi-task Slurm job (the submitit launcher's tasks_per_node = GPUs per node), export the
+    variables torchrun would set, so that one code path serves both launchers."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    import subprocess
+
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], capture_output=True,
+                           text=True, check=True).stdout.split()
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"), MASTER_ADDR=nodes[0],
+                      MASTER_PORT=str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def init_world(device: torch.device) -> tuple[World, torch.device]:
-    """Join the process group torchrun set up (if any); returns the world and this rank's device."""
+    """Join the process group torchrun (or a multi-task Slurm job) set up, if any; returns the world and this
+    rank's device."""
+    _from_slurm()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World(), device

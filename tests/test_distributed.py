@@ -73,3 +73,31 @@ def test_distributed_sampling_equals_single_process(tmp_path, nproc):
     many = torch.load(tmp_path / "many.pt", weights_only=True)
     assert one.shape == (23, 1, 8, 8)
     torch.testing.assert_close(one, many, atol=1e-6, rtol=0)
+
+
+def test_two_point_sweep_through_the_submitit_local_executor(tmp_path):
+    """The cluster launcher's plugin, offline: its local executor runs a two-job multirun into one CSV."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "bench.sweep", "-m", "backbone=dit,lit", "hydra/launcher=submitit_local",
+           "hydra.launcher.timeout_min=10", "dataset=digits", "dataset.image_size=8", "train.steps=2",
+           "train.batch_size=8", "eval.num_samples=20", "eval.steps=2", "progress=false", "threads=1",
+           f"results_dir={tmp_path / 'results'}", f"runs_root={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+           "sweep.points={dit:[{size:cpu,patch_size:4,depth:1,hidden_size:32}],"
+           "lit:[{size:cpu,patch_size:4,depth:1,hidden_size:32}]}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from bench.results_csv import read_rows
+
+    rows = read_rows(tmp_path / "results" / "digits" / "runs.csv")
+    assert sorted(r["backbone"] for r in rows) == ["dit", "lit"] and all(r["status"] == "ok" for r in rows)
+    assert list((tmp_path / "runs").glob("hydra-multirun/*/.submitit"))  # it really went through submitit
+
+
+def test_cluster_launcher_config_composes_offline():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", ["hydra/launcher=cluster", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == launcher.tasks_per_node == 8 and launcher.partition == "gpu"
