@@ -42,6 +42,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _release_freed_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``), so that resident-set growth counts every
+    page the measured block touches, even in a process that trained before (a sweep)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: growth may then read low after earlier work
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block: on CUDA the allocator's ``max_memory_allocated``; on the CPU (which has no
     allocator statistics) the peak growth of the process's resident set above its level at entry, sampled every
@@ -63,6 +77,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
+        _release_freed_memory()  # else memory freed by earlier work is reused unseen and the growth reads low
         self._base = self._rss_mb()
         self._peak = self._base
         self._stop = threading.Event()

@@ -101,3 +101,21 @@ def test_cluster_launcher_config_composes_offline():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == launcher.tasks_per_node == 8 and launcher.partition == "gpu"
+
+
+def test_sweep_under_torchrun_trains_with_ddp_and_rank_0_writes_the_rows(tmp_path):
+    base = ["dataset=digits", "dataset.image_size=8", "train.steps=2", "train.batch_size=8", "eval.num_samples=20",
+            "eval.steps=2", "progress=false", "threads=1", f"runs_root={tmp_path / 'runs'}",
+            f"cache_dir={tmp_path / 'cache'}", "backbone=dit",
+            "sweep.points={dit:[{size:cpu,patch_size:4,depth:1,hidden_size:32}]}"]
+    launch(1, ["-m", "bench.sweep", *base, f"results_dir={tmp_path / 'one'}"], tmp_path)
+    for p in (tmp_path / "runs").glob("digits/*"):  # train again, now with 2 processes
+        subprocess.run(["rm", "-rf", str(p)], check=True)
+    launch(2, ["-m", "bench.sweep", *base, f"results_dir={tmp_path / 'two'}"], tmp_path)
+    from bench.results_csv import read_rows
+
+    one = read_rows(tmp_path / "one" / "digits" / "runs.csv")
+    two = read_rows(tmp_path / "two" / "digits" / "runs.csv")
+    assert len(one) == len(two) == 1 and two[0]["status"] == "ok"
+    assert two[0]["point_key"] == one[0]["point_key"]  # the world size is not part of the recipe
+    assert float(two[0]["metric_value"]) == pytest.approx(float(one[0]["metric_value"]), rel=1e-4)

@@ -210,3 +210,13 @@ def test_peak_memory_measures_the_training_step_not_the_dataset(tmp_path, monkey
     summary = train(train_config(tmp_path, TINY_DIT + ["train.steps=3", "train.batch_size=8"]))
     assert 0 <= summary["peak_mem_mb"] < 100, summary["peak_mem_mb"]
     assert load_checkpoint(tmp_path)["config"]["history"][0]["peak_mem_mb"] == summary["peak_mem_mb"]
+
+
+def test_peak_memory_is_not_hidden_by_memory_freed_earlier_in_the_process(tmp_path):
+    """In a sweep one process trains point after point: the second point's peak must not read low because the
+    first one's freed pages are reused (the CPU measurement returns free heap pages to the OS first)."""
+    overrides = TINY_DIT + ["backbone.hidden_size=128", "train.steps=4", "train.batch_size=128",
+                            "dataset.image_size=16"]
+    first = train(train_config(tmp_path / "a", overrides))["peak_mem_mb"]
+    second = train(train_config(tmp_path / "b", overrides))["peak_mem_mb"]
+    assert first > 50 and second > 0.75 * first, (first, second)
