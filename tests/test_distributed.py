@@ -119,3 +119,12 @@ def test_sweep_under_torchrun_trains_with_ddp_and_rank_0_writes_the_rows(tmp_pat
     assert len(one) == len(two) == 1 and two[0]["status"] == "ok"
     assert two[0]["point_key"] == one[0]["point_key"]  # the world size is not part of the recipe
     assert float(two[0]["metric_value"]) == pytest.approx(float(one[0]["metric_value"]), rel=1e-4)
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_the_step(tmp_path):
+    launch(2, [str(REPO / "tests" / "dist_nan_worker.py"), str(tmp_path / "run"), str(tmp_path / "report")],
+           tmp_path)
+    for rank in (0, 1):
+        text = (tmp_path / f"report.{rank}").read_text()
+        assert text.startswith("diverged: non-finite loss") and "at step 3" in text, text
+    assert load_checkpoint(tmp_path / "run")["step"] == 2  # the last good checkpoint is intact
