@@ -167,16 +167,13 @@ def run_point(point: DictConfig, keys: dict, scorer: Any, world: World = World()
         raise RuntimeError(f"{ckpt_path} holds run {ckpt['config'].get('key')}, not {keys['run_key']}; move it aside")
     model = build_from_checkpoint(ckpt, use_ema=True).to(device)
     arch = model.arch
-    if world.distributed:  # every rank samples its share of the evaluation set; rank 0 scores it
-        labels = torch.arange(point.eval.num_samples) % model.num_classes
-        _ = sample_images(model, labels, sampler=to_plain(point.eval)["sampler"], steps=point.eval.steps,
-                          cfg_scale=point.eval.cfg_scale, seed=point.eval.seed,
-                          noise_schedule=to_plain(point.diffusion)["noise_schedule"],
-                          diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
-                          device=device, progress=False, clip_denoised=point.eval.clip_denoised, world=world) \
-            if not world.is_main else None
-        if not world.is_main:
-            return None
+    if not world.is_main:  # every rank samples its share of the evaluation set; rank 0 scores it
+        sample_images(model, torch.arange(point.eval.num_samples) % model.num_classes,
+                      sampler=to_plain(point.eval)["sampler"], steps=point.eval.steps, cfg_scale=point.eval.cfg_scale,
+                      seed=point.eval.seed, noise_schedule=to_plain(point.diffusion)["noise_schedule"],
+                      diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
+                      device=device, progress=False, clip_denoised=point.eval.clip_denoised, world=world)
+        return None
     say(point, f"counting GMACs of {point.backbone.name} {arch} ...")
     gmacs = forward_gmacs(model, model.input_size, model.in_channels)
     history = ckpt["config"].get("history") or []

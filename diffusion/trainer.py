@@ -210,9 +210,8 @@ def build_run(cfg: DictConfig) -> Run:
 
     dataset = _load_data(cfg)
     kwargs = backbone_kwargs(cfg.backbone, dataset, cfg.train.class_dropout_prob, cfg.diffusion.learn_sigma)
-    precision = effective_precision(cfg.train.precision.value if hasattr(cfg.train.precision, "value")
-                                    else str(cfg.train.precision), device)
-    identity = run_identity(to_plain(cfg), {k: v for k, v in kwargs.items()}, precision)
+    plain = to_plain(cfg)
+    identity = run_identity(plain, kwargs, effective_precision(plain["train"]["precision"], device))
     key = run_key(identity)
     changes: dict = {}
     if resume_ckpt is not None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+
+import backbones
+from backbones.dit import DiT
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -31,3 +35,22 @@ def train_config(run_dir, overrides: list[str] = (), backbone: dict | None = Non
     if backbone is not None:
         cfg.backbone = backbone
     return cfg
+
+
+@backbones.register("test_diverging")
+class DivergingDiT(DiT):
+    """A DiT whose output turns NaN from the 3rd training forward on (to test divergence handling); with the
+    environment variable NAN_ONLY_ON_RANK set, only on that torchrun rank."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = 0
+
+    def forward(self, x, t, y):
+        out = super().forward(x, t, y)
+        if self.training:
+            self.calls += 1
+            only = os.environ.get("NAN_ONLY_ON_RANK")
+            if self.calls >= 3 and (only is None or os.environ.get("RANK") == only):
+                out = out * float("nan")
+        return out

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 import torch
-from helpers import TINY_DIT, train_config
+from helpers import TINY_DIT, train_config  # helpers also registers the test_diverging backbone
 
 import backbones
 from backbones.dit import DiT
@@ -77,21 +77,6 @@ def test_ema_update_and_warmup_decay():
     torch.testing.assert_close(ema.weight, 0.75 * before + 0.25 * model.weight.detach())
 
 
-@backbones.register("test_diverging")
-class DivergingDiT(DiT):
-    """A DiT whose output turns NaN from the 3rd training forward on (to test divergence handling)."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.calls = 0
-
-    def forward(self, x, t, y):
-        out = super().forward(x, t, y)
-        if self.training:
-            self.calls += 1
-            if self.calls >= 3:
-                out = out * float("nan")
-        return out
 
 
 def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
