@@ -39,7 +39,7 @@ from backbones.layers import count_parameters
 from bench.flops import CONVENTION, forward_gmacs
 from bench.results_csv import read_rows, upsert_row
 from diffusion.config import CONF_DIR, ConfigError, to_plain, validate, validate_backbone
-from diffusion.data import ImageDataset, load_dataset
+from diffusion.data import Dataset, load_from_config
 from diffusion.run import digest, read_log, run_identity, run_key, steady_throughput
 from diffusion.trainer import backbone_kwargs, build_from_checkpoint, effective_precision, load_checkpoint, train
 from runio.dist import World, broadcast, init_world
@@ -89,13 +89,13 @@ def point_config(cfg: DictConfig, name: str, overrides: dict) -> DictConfig:
     return validate(point)
 
 
-def point_keys(point: DictConfig, dataset: ImageDataset) -> dict[str, str]:
+def point_keys(point: DictConfig, dataset: Dataset) -> dict[str, str]:
     """run_key (training recipe), train_key (+ steps: the run directory), point_key (+ evaluation: the CSV row),
     recipe_key (the point key without the architecture: one fit per recipe in the plots)."""
     plain = to_plain(point)
     kwargs = backbone_kwargs(point.backbone, dataset, point.train.class_dropout_prob, point.diffusion.learn_sigma)
     precision = effective_precision(plain["train"]["precision"], resolve_device(point.device))
-    identity = run_identity(plain, kwargs, precision)
+    identity = run_identity(plain, kwargs, precision, dataset.identity())
     rkey = run_key(identity)
     prefix = rkey.rsplit("-", 1)[0]
     evaluation = {k: plain["eval"][k] for k in EVAL_KEYS}
@@ -221,9 +221,8 @@ def make_scorer(cfg: DictConfig) -> Any:
     """The configured metric: the dataset classifier's Frechet distance (CPU scale) or Inception FID."""
     from bench import metrics
 
-    root, size = cfg.dataset.root, cfg.dataset.image_size
-    train_ds = load_dataset(cfg.dataset.name, "train", size, root)
-    test_ds = load_dataset(cfg.dataset.name, "test", size, root)
+    train_ds = load_from_config(cfg.dataset, "train")
+    test_ds = load_from_config(cfg.dataset, "test")
     metric = to_plain(cfg.eval)["metric"]
     if metric == "classifier":
         scorer = metrics.ClassifierMetric(cfg.dataset.name, train_ds.images, train_ds.labels, test_ds.images,
@@ -258,7 +257,7 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
     csv_path = Path(cfg.results_dir) / cfg.dataset.name / "runs.csv"
     print(f"sweep {cfg.sweep.name}: {len(points)} points on {cfg.dataset.name} {cfg.dataset.image_size}px, "
           f"{cfg.train.steps} steps x batch {cfg.train.batch_size}; FLOPs are {CONVENTION}; rows -> {csv_path}")
-    dataset = load_dataset(cfg.dataset.name, "train", cfg.dataset.image_size, cfg.dataset.root)
+    dataset = load_from_config(cfg.dataset, "train")
     scorer = None
     rows = []
     bar = tqdm(points, desc="sweep", unit="point", position=0, dynamic_ncols=True, disable=not cfg.progress)

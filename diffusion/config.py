@@ -58,9 +58,11 @@ class Metric(str, Enum):
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING             # digits | fashion_mnist
+    name: str = MISSING             # a registered dataset: digits | fashion_mnist | cifar10 | celeba64 | imagenet | ...
     image_size: Optional[int] = None  # None keeps the native size
-    root: Optional[str] = None      # folder with the files (Fashion-MNIST idx); None = the default location
+    root: Optional[str] = None      # folder with the files in their standard layout; None = the default location
+    crop: Optional[str] = None      # crop protocol where a dataset has several (celeba64); None = its default
+    download: bool = False          # fetch missing data with torchvision's downloader (cifar10; needs a network)
     random_flip: bool = False       # random horizontal flips (ADM / DiT), drawn per step from the run seed
     workers: int = 0                # DataLoader worker processes (0 = load in the training process)
 

@@ -70,15 +70,18 @@ def digest(tree: Any, length: int = 10) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def run_identity(plain_cfg: dict, backbone_kwargs: dict, precision: str) -> dict:
-    """Everything that determines a run's trajectory (see module docstring); ``plain_cfg`` is the resolved config."""
+def run_identity(plain_cfg: dict, backbone_kwargs: dict, precision: str, dataset_identity: dict | None = None
+                 ) -> dict:
+    """Everything that determines a run's trajectory (see module docstring); ``plain_cfg`` is the resolved config,
+    ``dataset_identity`` what the dataset adds (its crop protocol, the VAE of latents; see ``Dataset.identity``)."""
     train = {k: v for k, v in plain_cfg["train"].items() if k not in UNKEYED_TRAIN_KEYS}
     train["precision"] = precision  # the effective one: auto resolves per device
     distill = plain_cfg.get("distill") or {}
     return {
         "backbone": {"name": plain_cfg["backbone"]["name"], **backbone_kwargs},
         "dataset": {"name": plain_cfg["dataset"]["name"], "image_size": backbone_kwargs.get("input_size"),
-                    "random_flip": bool(plain_cfg["dataset"].get("random_flip", False))},
+                    "random_flip": bool(plain_cfg["dataset"].get("random_flip", False)),
+                    **(dataset_identity or {})},
         "diffusion": dict(plain_cfg["diffusion"]),
         "train": train,
         "seed": plain_cfg["seed"],

@@ -37,7 +37,7 @@ import backbones
 from backbones.layers import count_parameters, drop_labels
 from diffusion import create_diffusion
 from diffusion.config import ConfigError, to_plain, validate
-from diffusion.data import ImageDataset, batch_loader, load_dataset
+from diffusion.data import Dataset, batch_loader, load_from_config
 from diffusion.run import (
     LOG_COLUMNS,
     check_resume,
@@ -81,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def backbone_kwargs(backbone_cfg: DictConfig | dict, dataset: ImageDataset, class_dropout_prob: float,
+def backbone_kwargs(backbone_cfg: DictConfig | dict, dataset: Dataset, class_dropout_prob: float,
                     learn_sigma: bool) -> dict:
     """Constructor keywords: the backbone group (``name`` removed, nulls dropped) plus the data shape."""
     cfg = to_plain(backbone_cfg) if isinstance(backbone_cfg, DictConfig) else dict(backbone_cfg)
@@ -162,7 +162,7 @@ class Run:
     cfg: DictConfig
     run_dir: Path
     device: torch.device
-    dataset: ImageDataset
+    dataset: Dataset
     model: nn.Module
     ema: nn.Module
     opt: torch.optim.Optimizer
@@ -188,8 +188,11 @@ class Run:
                 "identity": self.identity, "history": self.history, "train": to_plain(self.cfg)}
 
 
-def _load_data(cfg: DictConfig) -> ImageDataset:
-    return load_dataset(cfg.dataset.name, "train", cfg.dataset.image_size, cfg.dataset.root)
+def _load_data(cfg: DictConfig) -> Dataset:
+    try:
+        return load_from_config(cfg.dataset, "train")
+    except ValueError as e:  # an option that does not apply to this dataset
+        raise ConfigError(str(e)) from None
 
 
 def build_run(cfg: DictConfig) -> Run:
@@ -211,7 +214,8 @@ def build_run(cfg: DictConfig) -> Run:
     dataset = _load_data(cfg)
     kwargs = backbone_kwargs(cfg.backbone, dataset, cfg.train.class_dropout_prob, cfg.diffusion.learn_sigma)
     plain = to_plain(cfg)
-    identity = run_identity(plain, kwargs, effective_precision(plain["train"]["precision"], device))
+    identity = run_identity(plain, kwargs, effective_precision(plain["train"]["precision"], device),
+                            dataset.identity())
     key = run_key(identity)
     changes: dict = {}
     if resume_ckpt is not None:
@@ -321,9 +325,11 @@ def train_step(run: Run) -> dict[str, float]:
     noise = torch.randn((B, *x.shape[1:]), generator=gen)[rank_slice]
     drop = torch.rand(B, generator=gen)[rank_slice] < tc.class_dropout_prob
     y = drop_labels(y, tc.class_dropout_prob, model.num_classes, force_drop_ids=drop.long())  # for model and teacher
-    if cfg.dataset.random_flip:
-        flip = torch.rand(B, generator=gen)[rank_slice] < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    flip = torch.rand(B, generator=gen)[rank_slice] < 0.5 if cfg.dataset.random_flip else None
+    posterior_noise = None
+    if run.dataset.stochastic:  # e.g. a sample of each VAE latent posterior
+        posterior_noise = torch.randn((B, *run.dataset.input_shape()), generator=gen)[rank_slice]
+    x = run.dataset.model_input(x, flip, posterior_noise)
     torch.manual_seed(seed + run.world.rank)  # randomness inside the model (drop-path), per rank
     x, y, t, noise = (v.to(run.device, non_blocking=True) for v in (x, y, t, noise))
     precision = run.identity["train"]["precision"]
@@ -418,7 +424,7 @@ def _train_session(run: Run, on_step: Callable[[int, dict], None] | None, t_star
     session = run.session["session"]
     n_params = count_parameters(run.model)
     log.info("%s %s: %.3fM params, dataset %s %s, device %s, run %s (key %s)", cfg.backbone.name, run.model.arch,
-             n_params / 1e6, run.dataset.name, tuple(run.dataset.images.shape[1:]), run.device, run.run_dir, run.key)
+             n_params / 1e6, run.dataset.name, run.dataset.input_shape(), run.device, run.run_dir, run.key)
 
     bar = tqdm(total=tc.steps, initial=run.step, desc=f"train {cfg.backbone.name}", dynamic_ncols=True,
                disable=not cfg.progress or not main)
