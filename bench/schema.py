@@ -10,6 +10,7 @@ RUN_COLUMNS: list[str] = [
     "backbone", "size", "patch", "depth", "width",   # patch empty where the backbone has none (DiCo)
     "params",              # total parameters, frozen positional embeddings included
     "gmacs",               # forward GMACs, batch 1, one evaluation, no CFG doubling
+    "vae_gmacs",           # VAE decoder GMACs per sample (latent data; empty for pixels): not part of gmacs
     "train_steps", "batch", "lr",
     "train_compute_gmacs",  # gmacs * 3 * batch * train_steps (forward + backward ~ 3x forward)
     "metric_name", "metric_value",        # e.g. fd_fmnist_classifier (never labelled "fid" unless Inception FID)

@@ -40,6 +40,7 @@ from bench.flops import CONVENTION, forward_gmacs
 from bench.results_csv import read_rows, upsert_row
 from diffusion.config import CONF_DIR, ConfigError, to_plain, validate, validate_backbone
 from diffusion.data import Dataset, load_from_config
+from diffusion.latents import vae_decoder_gmacs
 from diffusion.run import digest, read_log, run_identity, run_key, steady_throughput
 from diffusion.trainer import backbone_kwargs, build_from_checkpoint, effective_precision, load_checkpoint, train
 from runio.dist import World, broadcast, init_world
@@ -99,6 +100,7 @@ def point_keys(point: DictConfig, dataset: Dataset) -> dict[str, str]:
     rkey = run_key(identity)
     prefix = rkey.rsplit("-", 1)[0]
     evaluation = {k: plain["eval"][k] for k in EVAL_KEYS}
+    evaluation["clip_denoised"] = dataset.clip_denoised(evaluation["clip_denoised"])  # None resolved per data
     steps = int(point.train.steps)
     recipe = {k: v for k, v in identity.items() if k != "backbone"}
     return {"run_key": rkey,
@@ -133,7 +135,7 @@ def say(cfg: DictConfig, text: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # One point
 # ----------------------------------------------------------------------------------------------------------------
-def run_point(point: DictConfig, keys: dict, scorer: Any, world: World = World()) -> dict | None:
+def run_point(point: DictConfig, keys: dict, scorer: Any, dataset: Dataset, world: World = World()) -> dict | None:
     """Train (or resume / reuse) the point's run, then count, sample and score it. Returns its CSV row (on rank 0;
     None on the other ranks of a torchrun job, which train and sample their shares)."""
     from diffusion.sampling import sample_images, save_grid, to_uint8
@@ -167,12 +169,13 @@ def run_point(point: DictConfig, keys: dict, scorer: Any, world: World = World()
         raise RuntimeError(f"{ckpt_path} holds run {ckpt['config'].get('key')}, not {keys['run_key']}; move it aside")
     model = build_from_checkpoint(ckpt, use_ema=True).to(device)
     arch = model.arch
+    clip = dataset.clip_denoised(point.eval.clip_denoised)  # None: on for pixels, off for VAE latents
     if not world.is_main:  # every rank samples its share of the evaluation set; rank 0 scores it
         sample_images(model, torch.arange(point.eval.num_samples) % model.num_classes,
                       sampler=to_plain(point.eval)["sampler"], steps=point.eval.steps, cfg_scale=point.eval.cfg_scale,
                       seed=point.eval.seed, noise_schedule=to_plain(point.diffusion)["noise_schedule"],
                       diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
-                      device=device, progress=False, clip_denoised=point.eval.clip_denoised, world=world)
+                      device=device, progress=False, clip_denoised=clip, world=world)
         return None
     say(point, f"counting GMACs of {point.backbone.name} {arch} ...")
     gmacs = forward_gmacs(model, model.input_size, model.in_channels)
@@ -199,8 +202,11 @@ def run_point(point: DictConfig, keys: dict, scorer: Any, world: World = World()
                             cfg_scale=point.eval.cfg_scale, seed=point.eval.seed,
                             noise_schedule=to_plain(point.diffusion)["noise_schedule"],
                             diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
-                            device=device, progress=point.progress, clip_denoised=point.eval.clip_denoised,
+                            device=device, progress=point.progress, clip_denoised=clip,
                             world=world)
+    if not dataset.pixel_space:  # VAE latents: decode before any metric or grid
+        samples = dataset.decode(samples, device)
+        row["vae_gmacs"] = vae_decoder_gmacs(dataset.vae(device), dataset.input_shape())
     row["sample_img_per_s"] = len(labels) / (time.time() - ts)
     scores = scorer.score(to_uint8(samples), labels)  # scored as saved images: 8-bit (DiT's protocol)
     ncol = min(model.num_classes, 10)
@@ -276,7 +282,7 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
                 continue
             if scorer is None and world.is_main:
                 scorer = make_scorer(cfg)
-            row = run_point(point, keys, scorer, world)
+            row = run_point(point, keys, scorer, dataset, world)
             if row is None:  # not rank 0
                 continue
         except KeyboardInterrupt:

@@ -103,7 +103,7 @@ class SampleConfig:
     steps: int = 100
     cfg_scale: float = 2.0
     seed: int = 0
-    clip_denoised: bool = True      # clip predicted x0 to [-1, 1] (pixel data); false for VAE latents
+    clip_denoised: Optional[bool] = None  # clip predicted x0 to [-1, 1]; None = on for pixels, off for latents
     use_ema: bool = True
 
 
@@ -133,7 +133,7 @@ class EvalConfig:
     steps: int = 25
     cfg_scale: float = 2.0
     seed: int = 0
-    clip_denoised: bool = True
+    clip_denoised: Optional[bool] = None  # None = on for pixel data, off for VAE latents (DiT)
     batch_size: int = 250
     metric: Metric = Metric.classifier  # classifier (CPU-scale Frechet distance + accuracy) | fid (Inception)
     inception_weights: Optional[str] = None

@@ -55,6 +55,8 @@ class Dataset:
     image_size: int
     # True when model_input() draws Gaussian noise (latent posteriors): the trainer then draws it from the step seed
     stochastic: bool = False
+    # False for VAE latents: samples are decoded (``decode``) before grids and metrics, and x0 is not clipped
+    pixel_space: bool = True
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -74,6 +76,14 @@ class Dataset:
         """The network input from a fetched batch: horizontal flips where ``flip`` (random_flip); ``noise`` is
         None unless ``stochastic``."""
         return raw if flip is None else torch.where(flip[:, None, None, None], raw.flip(-1), raw)
+
+    def decode(self, x: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Images in [-1, 1] from model-space samples (identity for pixel data; VAE decoding for latents)."""
+        return x
+
+    def clip_denoised(self, setting: bool | None) -> bool:
+        """``sample.clip_denoised`` / ``eval.clip_denoised`` resolved: None = on for pixels, off for latents."""
+        return self.pixel_space if setting is None else bool(setting)
 
     def batch_indices(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         """Indices of the batch at ``step``: epoch permutations seeded by seed + epoch, last partial batch dropped."""
@@ -371,3 +381,7 @@ def load_from_config(dataset_cfg: Any, split: str = "train") -> Dataset:
     d = dict(dataset_cfg.items()) if hasattr(dataset_cfg, "items") else dict(dataset_cfg)
     options = {k: (v.value if hasattr(v, "value") else v) for k, v in d.items() if k not in _COMMON_KEYS}
     return load_dataset(d["name"], split, d.get("image_size"), d.get("root"), **options)
+
+
+# Datasets defined in other modules register themselves on import (they subclass Dataset, defined above).
+from diffusion import latents  # noqa: E402,F401  (latents, imagenet_latents)

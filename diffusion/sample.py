@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=8, help="samples per class (grid rows)")
     p.add_argument("--classes", type=int, nargs="*", default=None, help="class labels (default: first 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-clip", action="store_true",
-                   help="do not clip the predicted x0 to [-1, 1] (for unbounded latents, as DiT's sampler)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the predicted x0 to [-1, 1] (default: on for pixel data, off for VAE latents, as DiT)")
     p.add_argument("--no-ema", action="store_true", help="sample the raw model instead of the EMA weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="output stem (default: <run dir>/samples-<sampler><steps>)")
@@ -66,11 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.data import class_names
 
     names = class_names(train_cfg["dataset"]["name"])
+    from diffusion.latents import latent_store
+
+    store = latent_store(train_cfg["dataset"])  # a latent run decodes its samples through the store's VAE
+    clip = args.clip if args.clip is not None else store is None
     ncol = len(columns)
     images = sample_images(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                            seed=args.seed, noise_schedule=train_cfg["diffusion"]["noise_schedule"],
                            diffusion_steps=train_cfg["diffusion"]["diffusion_steps"], device=device, progress=True,
-                           guided_channels=args.guided_channels, clip_denoised=not args.no_clip)
+                           guided_channels=args.guided_channels, clip_denoised=clip)
+    if store is not None:
+        images = store.decode(images, device)
     ckpt_path = Path(args.checkpoint)
     run_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent.parent
     stem = Path(args.out) if args.out else run_dir / f"samples-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}"

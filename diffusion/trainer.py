@@ -322,7 +322,7 @@ def train_step(run: Run) -> dict[str, float]:
     gen = torch.Generator().manual_seed(seed)
     B, rank_slice = tc.batch_size, slice(run.world.rank * x.shape[0], (run.world.rank + 1) * x.shape[0])
     t = torch.randint(0, run.diffusion.num_timesteps, (B,), generator=gen)[rank_slice]
-    noise = torch.randn((B, *x.shape[1:]), generator=gen)[rank_slice]
+    noise = torch.randn((B, *run.dataset.input_shape()), generator=gen)[rank_slice]
     drop = torch.rand(B, generator=gen)[rank_slice] < tc.class_dropout_prob
     y = drop_labels(y, tc.class_dropout_prob, model.num_classes, force_drop_ids=drop.long())  # for model and teacher
     flip = torch.rand(B, generator=gen)[rank_slice] < 0.5 if cfg.dataset.random_flip else None
@@ -492,7 +492,8 @@ def draw_samples(run: Run) -> Path:
                            steps=sc.steps, cfg_scale=sc.cfg_scale, seed=sc.seed,
                            noise_schedule=to_plain(run.cfg.diffusion)["noise_schedule"],
                            diffusion_steps=run.cfg.diffusion.diffusion_steps, device=run.device,
-                           progress=run.cfg.progress, clip_denoised=sc.clip_denoised)
+                           progress=run.cfg.progress, clip_denoised=run.dataset.clip_denoised(sc.clip_denoised))
+    images = run.dataset.decode(images, run.device)  # VAE latents -> pixels; identity for pixel data
     ncol = min(run.dataset.num_classes, 10)
     path = save_grid(images, run.run_dir / "samples.png", ncol=ncol, class_names=run.dataset.class_names[:ncol])
     save_npz(images, labels, run.run_dir / "samples.npz")
