@@ -237,7 +237,8 @@ class DiMR(DiffusionBackbone):
     def __init__(self, size: str = "XL/2R", input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  learn_sigma: bool = True, class_dropout_prob: float = 0.1, depth: int | None = None,
                  hidden_size: int | None = None, num_heads: int | None = None,
-                 loss_coeffs: Sequence[float] | None = None, grad_checkpoint: bool = False):
+                 loss_coeffs: Sequence[float] | None = None, grad_checkpoint: bool = False,
+                 num_timesteps: int = 1000):
         super().__init__()
         cfg = resolve_preset(self.presets, size, dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads))
         R, D, depth = cfg["branches"], cfg["hidden_size"], cfg["depth"]
@@ -254,6 +255,7 @@ class DiMR(DiffusionBackbone):
                              f"1 (the trainer's main loss trains the highest branch); got {list(self.loss_coeffs)}")
         self.set_data_shape(input_size, in_channels, num_classes, learn_sigma)
         self.num_branches = R
+        self.num_timesteps = int(num_timesteps)  # T of the trained diffusion: the TD norms' time input is t / T
 
         branches, lowres_dim = [], None
         for k in range(R):
@@ -305,7 +307,7 @@ class DiMR(DiffusionBackbone):
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must hold one timestep per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
-        time = td_time_condition(t)
+        time = td_time_condition(t, self.num_timesteps)
         # Labels arrive already dropped (trainer). Only the Transformer branch embeds them (class token); ConvNeXt
         # branches see the class through the cascade, as official.
         outputs, lowres = [], None

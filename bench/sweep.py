@@ -94,7 +94,8 @@ def point_keys(point: DictConfig, dataset: Dataset) -> dict[str, str]:
     """run_key (training recipe), train_key (+ steps: the run directory), point_key (+ evaluation: the CSV row),
     recipe_key (the point key without the architecture: one fit per recipe in the plots)."""
     plain = to_plain(point)
-    kwargs = backbone_kwargs(point.backbone, dataset, point.train.class_dropout_prob, point.diffusion.learn_sigma)
+    kwargs = backbone_kwargs(point.backbone, dataset, point.train.class_dropout_prob, point.diffusion.learn_sigma,
+                             point.diffusion.diffusion_steps)
     precision = effective_precision(plain["train"]["precision"], resolve_device(point.device))
     identity = run_identity(plain, kwargs, precision, dataset.identity())
     rkey = run_key(identity)

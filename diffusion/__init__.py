@@ -33,7 +33,7 @@ def create_diffusion(timestep_respacing: str | int | None = "", noise_schedule: 
 
     Args:
         timestep_respacing: "" (all steps), "250" / 250, "10,20,30" (per-section counts) or "ddim50".
-        noise_schedule: "linear" or "cosine".
+        noise_schedule: "linear", "cosine" or "scaled_linear" (see get_named_beta_schedule).
         use_kl: train on the (rescaled) variational bound instead of the hybrid MSE loss.
         sigma_small: with a fixed variance, use the posterior variance instead of beta_t.
         predict_xstart: the model predicts x_0 instead of the noise.

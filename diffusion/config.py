@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Constructor arguments the trainer derives from the data and diffusion settings, never set in backbone.*
-DATA_SHAPE_ARGS = ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob")
+DATA_SHAPE_ARGS = ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "num_timesteps")
 
 
 class ConfigError(ValueError):
@@ -36,8 +36,9 @@ class ConfigError(ValueError):
 
 
 class NoiseSchedule(str, Enum):
-    linear = "linear"
-    cosine = "cosine"
+    linear = "linear"                 # DDPM / ADM / DiT: betas 1e-4 .. 0.02
+    cosine = "cosine"                 # improved DDPM
+    scaled_linear = "scaled_linear"   # Stable Diffusion / U-ViT / official DiMR: sqrt(beta) 0.00085 .. 0.012 linear
 
 
 class Precision(str, Enum):

@@ -60,7 +60,9 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float
 
 
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
-    """'linear' (DDPM, scaled so any T matches the 1000-step endpoints 1e-4..0.02) or 'cosine' (IDDPM).
+    """'linear' (DDPM, scaled so any T matches the 1000-step endpoints 1e-4..0.02), 'cosine' (IDDPM) or
+    'scaled_linear' (Stable Diffusion's schedule, used by U-ViT and the official DiMR: sqrt(beta_t) linear from
+    sqrt(0.00085) to sqrt(0.012) over the T steps, not rescaled with T).
 
     'squaredcos_cap_v2' (the name DiT's code uses for the cosine schedule) is accepted as an alias of 'cosine'.
     """
@@ -72,7 +74,9 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         return np.linspace(scale * 1e-4, scale * 0.02, n, dtype=np.float64)
     if schedule_name in ("cosine", "squaredcos_cap_v2"):
         return betas_for_alpha_bar(n, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2)
-    raise ValueError(f"unknown noise_schedule {schedule_name!r}; use 'linear' or 'cosine'")
+    if schedule_name == "scaled_linear":  # sqrt(beta) linear over the T steps, as diffusers / U-ViT / DiMR define it
+        return np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, n, dtype=np.float64) ** 2
+    raise ValueError(f"unknown noise_schedule {schedule_name!r}; use 'linear', 'cosine' or 'scaled_linear'")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -82,12 +83,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def backbone_kwargs(backbone_cfg: DictConfig | dict, dataset: Dataset, class_dropout_prob: float,
-                    learn_sigma: bool) -> dict:
-    """Constructor keywords: the backbone group (``name`` removed, nulls dropped) plus the data shape."""
+                    learn_sigma: bool, diffusion_steps: int = 1000) -> dict:
+    """Constructor keywords: the backbone group (``name`` removed, nulls dropped) plus the data shape, and
+    ``num_timesteps`` for backbones whose time input depends on the diffusion's T (DiMR's time-dependent norms);
+    left out at T = 1000, the constructors' default, so the keys of existing runs do not change."""
     cfg = to_plain(backbone_cfg) if isinstance(backbone_cfg, DictConfig) else dict(backbone_cfg)
     kwargs = {k: v for k, v in cfg.items() if k != "name" and v is not None}
     kwargs.update(input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes,
                   class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma)
+    if int(diffusion_steps) != 1000 and "num_timesteps" in inspect.signature(backbones.get(cfg["name"])).parameters:
+        kwargs["num_timesteps"] = int(diffusion_steps)
     return kwargs
 
 
@@ -212,7 +217,8 @@ def build_run(cfg: DictConfig) -> Run:
         run_dir = resume_path if resume_path.is_dir() else resume_path.parent.parent
 
     dataset = _load_data(cfg)
-    kwargs = backbone_kwargs(cfg.backbone, dataset, cfg.train.class_dropout_prob, cfg.diffusion.learn_sigma)
+    kwargs = backbone_kwargs(cfg.backbone, dataset, cfg.train.class_dropout_prob, cfg.diffusion.learn_sigma,
+                             cfg.diffusion.diffusion_steps)
     plain = to_plain(cfg)
     identity = run_identity(plain, kwargs, effective_precision(plain["train"]["precision"], device),
                             dataset.identity())
