@@ -384,4 +384,5 @@ def load_from_config(dataset_cfg: Any, split: str = "train") -> Dataset:
 
 
 # Datasets defined in other modules register themselves on import (they subclass Dataset, defined above).
+import diffusion.image_datasets  # noqa: E402,F401  (cifar10, celeba64, imagenet)
 from diffusion import latents  # noqa: E402,F401  (latents, imagenet_latents)
