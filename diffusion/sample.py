@@ -66,9 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.data import class_names
 
     names = class_names(train_cfg["dataset"]["name"])
-    from diffusion.latents import latent_store
+    from diffusion.data import DatasetError
+    from diffusion.latents import VAEError, latent_store
 
-    store = latent_store(train_cfg["dataset"])  # a latent run decodes its samples through the store's VAE
+    try:
+        store = latent_store(train_cfg["dataset"])  # a latent run decodes its samples through the store's VAE
+    except (DatasetError, VAEError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     clip = args.clip if args.clip is not None else store is None
     ncol = len(columns)
     images = sample_images(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
