@@ -140,3 +140,20 @@ def test_latent_identity_enters_the_run_key(store, vae_dir, tmp_path):
         ds = LatentDataset(other)
         raw, _ = ds.fetch(torch.arange(2))
         ds.model_input(raw, torch.tensor([True, False]), torch.zeros(2, 4, 4, 4))
+
+
+def test_sample_cli_decodes_a_latent_run(store, tmp_path):
+    from diffusion import sample
+    from diffusion.trainer import train
+
+    train(train_config(tmp_path / "run", ["dataset=latents", f"dataset.root={store}", "train.steps=2"],
+                       backbone=dict(TINY_DIT_P1)))
+    out = tmp_path / "grid"
+    assert sample.main([str(tmp_path / "run"), "--steps", "2", "--per-class", "1", "--out", str(out)]) == 0
+    assert np.load(out.with_suffix(".npz"))["arr_0"].shape == (10, 8, 8, 1)  # pixels, x0 not clipped (latents)
+    moved = tmp_path / "moved"
+    store.rename(moved)
+    try:
+        assert sample.main([str(tmp_path / "run"), "--steps", "2", "--per-class", "1", "--out", str(out)]) == 2
+    finally:
+        moved.rename(store)
