@@ -9,7 +9,9 @@ feed-forward with its own modulation and gate. No patchify, no positional embedd
 
 Module and parameter names are the official ones except the three label tables (the shared ``LabelEmbedder``,
 as ``y_embedder_{1,2,3}``); a load_state_dict pre-hook renames the official ``y_embedder.embedding_table_{0,1,2}``
-keys, so official checkpoints load unchanged (e.g. with ``backbones.dit.load_official_checkpoint``).
+keys, so official state_dicts load unchanged. :func:`load_official_checkpoint` reads the released files
+(:data:`OFFICIAL_CHECKPOINTS`: a bare state_dict or the official training checkpoint ``{"model", "ema", "opt",
+"args"}``, EMA preferred) strictly; :func:`to_official_state_dict` is the inverse renaming.
 
 Memory format: the model keeps its conv weights and activations in channels_last (NHWC; ``channels_last=False``
 turns it off). LayerNorm2d then normalises a contiguous last dimension without permute copies and the 1x1 convs
@@ -29,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register, register_token_mixer
+from .dit import load_official_checkpoint as _load_official
 from .layers import (
     DiffusionBackbone,
     LabelEmbedder,
@@ -254,12 +257,49 @@ class DiCo(DiffusionBackbone):
         return self.final_layer(h, c2).contiguous()
 
 
+# Released weights (README of shallowdream204/DiCo; files on https://huggingface.co/shallowdream204/DiCo):
+# class-conditional ImageNet 256x256 on SD-VAE latents (32x32x4), learned sigma. The official DiCo_* builders ignore
+# their keyword arguments, so every release has 4 input channels, 1000 classes (+ the CFG null row), 8 outputs.
+_OFFICIAL_DATA = dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, class_dropout_prob=0.1)
+OFFICIAL_CHECKPOINTS = {
+    "DiCo-S-400K-256x256.pt": dict(size="S", **_OFFICIAL_DATA),
+    "DiCo-B-400K-256x256.pt": dict(size="B", **_OFFICIAL_DATA),
+    "DiCo-L-400K-256x256.pt": dict(size="L", **_OFFICIAL_DATA),
+    "DiCo-XL-400K-256x256.pt": dict(size="XL", **_OFFICIAL_DATA),
+    "DiCo-XL-3750K-256x256.pt": dict(size="XL", **_OFFICIAL_DATA),
+}
+# (official key, our key): the only names that differ (official LabelEmbedder_3 holds three tables).
+_LABEL_TABLE_KEYS = tuple((f"y_embedder.embedding_table_{i}.weight", f"y_embedder_{i + 1}.embedding_table.weight")
+                          for i in range(3))
+
+
 def _rename_official_label_tables(state_dict: dict, prefix: str, *args) -> None:
     """Map official ``y_embedder.embedding_table_{0,1,2}`` keys onto ``y_embedder_{1,2,3}.embedding_table``."""
-    for i in range(3):
-        old = f"{prefix}y_embedder.embedding_table_{i}.weight"
-        if old in state_dict:
-            state_dict[f"{prefix}y_embedder_{i + 1}.embedding_table.weight"] = state_dict.pop(old)
+    for official, ours in _LABEL_TABLE_KEYS:
+        if prefix + official in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + official)
+
+
+def from_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DiCo key names -> ours (a new dict, same tensors); only the three label tables differ."""
+    out = dict(state)
+    _rename_official_label_tables(out, "")
+    return out
+
+
+def to_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our key names -> the official ``dico_models.DiCo`` ones (inverse of :func:`from_official_state_dict`)."""
+    renames = {ours: official for official, ours in _LABEL_TABLE_KEYS}
+    return {renames.get(k, k): v for k, v in state.items()}
+
+
+def load_official_checkpoint(model: DiCo, source, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Load an official DiCo checkpoint (file, run directory or state_dict) strictly into ``model``, built with the
+    file's config (:data:`OFFICIAL_CHECKPOINTS`, e.g. ``build("dico", **OFFICIAL_CHECKPOINTS[name])``). Reads
+    weights only; a training checkpoint ``{"model", "ema", "opt", "args"}`` gives its EMA weights."""
+    if not isinstance(model, DiCo):
+        raise TypeError(f"expected a DiCo model, got {type(model).__name__}")
+    return _load_official(model, source, prefer_ema, convert=from_official_state_dict)
 
 
 class _TokenConvMixer(nn.Module):

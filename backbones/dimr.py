@@ -37,11 +37,18 @@ under the official fp16 autocast SDPA is recast to half anyway).
 
 ``arch['patch']`` is the highest-resolution branch's patch size (always 1: DiMR's finest output is per latent
 pixel); ``arch['depth']``/``['width']``/``['heads']`` describe the Transformer branch and ``arch['branches']`` R.
+
+Official checkpoints (:data:`OFFICIAL_CHECKPOINTS`: DiMR-XL/2R and DiMR-G/2R, bare state_dicts of ``MRModel``)
+load strictly with :func:`load_official_checkpoint` into a model built with ``learn_sigma=False``. Our module names
+differ from the official ones (``branches.k`` = ``stages.k``, ``x_embedder.proj`` = ``input_layer.1``, ...) and
+the official position table is (H*W, D) where ours is (1, H*W, D): :func:`from_official_state_dict` and
+:func:`to_official_state_dict` map one tensor onto one tensor, and fail on any key they do not know.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -53,6 +60,7 @@ if TYPE_CHECKING:
     from diffusion.gaussian_diffusion import GaussianDiffusion
 
 from . import register
+from .dit import load_official_checkpoint as _load_official
 from .layers import (
     Attention,
     DiffusionBackbone,
@@ -354,3 +362,99 @@ class DiMR(DiffusionBackbone):
         terms["aux"] = aux
         terms["loss"] = terms["loss"] + aux
         return terms
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Official checkpoints (qihao067/DiMR: libs/core/blocks.py MRModel; README "Pretrained Models")
+# ------------------------------------------------------------------------------------------------------------------
+# Released on https://huggingface.co/QHL067/DiMR: bare state_dicts of MRModel (eval.py loads them with
+# ``load_state_dict(torch.load(path))``; train.py's TrainState saves ``nnet_ema.pth`` the same way), ImageNet 256x256
+# on SD-VAE latents (32x32x4), classes 0..999 plus the CFG null class 1000 (official ``num_classes=1001`` rows),
+# epsilon prediction only (4 output channels per branch).
+_OFFICIAL_DATA = dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=False, class_dropout_prob=0.1)
+OFFICIAL_CHECKPOINTS = {
+    "DiMR-XL_2R_800epochs.pth": dict(size="XL/2R", **_OFFICIAL_DATA),
+    "DiMR-G_2R_800epochs.pth": dict(size="G/2R", **_OFFICIAL_DATA),
+}
+
+# (our prefix, official prefix) inside one branch (official ``Stage``) ...
+_BRANCH_PREFIXES = (
+    ("x_embedder.proj.", "input_layer.1."),            # Sequential(EvenDownInterpolate, Conv2d, ChannelLast, APE)
+    ("y_embedder.embedding_table.", "class_embeds."),  # in-context class token table (Transformer branch)
+    ("upsample.norm_in.", "upsample.0."),              # Sequential(TD-LayerNorm, PixelShuffleUpsample, TD-LayerNorm)
+    ("upsample.proj.", "upsample.1.kernel."),
+    ("upsample.norm_out.", "upsample.2."),
+    ("skip_linears.", "skip_denses."),
+    ("final_norm.", "output_layer.0."),                # Sequential(TD-LayerNorm, ChannelFirst, Conv2d)
+    ("final_conv.", "output_layer.2."),
+)
+# ... and inside ``blocks.<i>.`` (official TransformerBlock / ConvNeXtBlock: block1 = mixer, block2 = MLPBlock).
+_BLOCK_PREFIXES = (
+    ("norm1.", "block1.norm."),
+    ("attn.qkv.", "block1.query_key_value."),  # same row layout: [q | k | v], head-major
+    ("attn.proj.", "block1.dense."),
+    ("dwconv.", "block1.1."),                  # Sequential(ChannelFirst, Conv2d depthwise, ChannelLast)
+    ("mlp.", "block2."),
+)
+_POS_KEYS = ("pos_embed", "input_layer.3.position_embeddings.weight")  # (1, H*W, D) ours, (H*W, D) official
+
+
+def _rename_key(key: str, to_official: bool) -> str:
+    src, dst = (0, 1) if to_official else (1, 0)
+    top = ("branches.", "stages.")
+    m = re.fullmatch(rf"{re.escape(top[src])}(\d+)\.(.+)", key)
+    if m is not None:
+        branch, rest = m.groups()
+        if rest == _POS_KEYS[src]:
+            return f"{top[dst]}{branch}.{_POS_KEYS[dst]}"
+        block = re.fullmatch(r"(blocks\.\d+\.)(.+)", rest)
+        head, rest, table = (block[1], block[2], _BLOCK_PREFIXES) if block else ("", rest, _BRANCH_PREFIXES)
+        for pair in table:
+            if rest.startswith(pair[src]):
+                return f"{top[dst]}{branch}.{head}{pair[dst]}{rest[len(pair[src]):]}"
+    side = "our" if to_official else "official"
+    raise KeyError(f"{key!r} is not a DiMR parameter name of the {side} model; nothing maps it (is this a DiMR "
+                   f"state_dict of the released APE/TDRMSN configs?)")
+
+
+def _convert(state: dict[str, torch.Tensor], to_official: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = _rename_key(key, to_official)
+        if new in out:
+            raise KeyError(f"two keys map onto {new!r}")
+        if new.endswith(_POS_KEYS[0]):
+            value = value.unsqueeze(0)  # official Embedding(H*W, D), indexed h * W + w: our raster order
+        elif new.endswith(_POS_KEYS[1]):
+            value = value.squeeze(0)
+        out[new] = value
+    return out
+
+
+def from_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official ``MRModel`` state_dict -> ours, one tensor per tensor (position tables reshaped (N, D) -> (1, N, D)).
+    Raises KeyError on a key the mapping does not know (nothing is dropped silently)."""
+    return _convert(state, to_official=False)
+
+
+def to_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our DiMR state_dict -> the official ``MRModel`` names and layouts (inverse of
+    :func:`from_official_state_dict`)."""
+    return _convert(state, to_official=True)
+
+
+def load_official_checkpoint(model: DiMR, source, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Load an official DiMR checkpoint (file, or a state_dict) strictly into ``model``, built with the file's
+    config, e.g. ``build("dimr", **OFFICIAL_CHECKPOINTS["DiMR-XL_2R_800epochs.pth"])``. Returns the converted
+    state_dict.
+
+    The released models predict epsilon only (fixed variance), so ``model`` must have ``learn_sigma=False``. They
+    were trained and sampled with the SD "scaled linear" beta schedule and a time input ``log_snr = n/1000*8 - 4``
+    for step n = t + 1 (our :func:`~backbones.layers.td_time_condition`); a sampler must use that schedule.
+    """
+    if not isinstance(model, DiMR):
+        raise TypeError(f"expected a DiMR model, got {type(model).__name__}")
+    if model.learn_sigma:
+        raise ValueError("official DiMR checkpoints predict epsilon only (4 output channels per branch): build the "
+                         "model with learn_sigma=False")
+    return _load_official(model, source, prefer_ema, convert=from_official_state_dict)

@@ -8,7 +8,9 @@ official ``LabelEmbedder`` drops labels itself; here the trainer drops them once
 
 from __future__ import annotations
 
+import argparse
 import os
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -116,13 +118,37 @@ class DiT(DiffusionBackbone):
         return unpatchify(x, self.patch_size, self.out_channels, g)
 
 
-def load_official_checkpoint(model: nn.Module, path: str | os.PathLike, prefer_ema: bool = True) -> dict:
-    """Load an official DiT checkpoint (e.g. ``DiT-XL-2-256x256.pt``, a bare state_dict) or one of our training
-    checkpoints / run directories into ``model``, strictly. Returns the loaded state_dict.
+def read_official_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], prefer_ema: bool = True,
+                             what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, name) of an official weights file, weights only: a bare state_dict (DiT, DiMR releases) or a
+    DiT-style training checkpoint ``{"model", "ema", "opt", "args"}`` (DiCo, Diffusion-RWKV; the EMA weights when
+    ``prefer_ema``), or an in-memory state_dict. Those training checkpoints pickle ``args`` as an
+    ``argparse.Namespace``, which ``torch.load(weights_only=True)`` refuses; it is allowlisted here (a plain
+    attribute container whose values go through the same restricted unpickler). Nothing else is."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state, name, _ = read_state_dict(source, prefer_ema, what=what)
+    return state, name
+
+
+def load_official_checkpoint(model: nn.Module, path: str | os.PathLike | Mapping[str, torch.Tensor],
+                             prefer_ema: bool = True,
+                             convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                             ) -> dict:
+    """Load an official checkpoint (e.g. ``DiT-XL-2-256x256.pt``, a bare state_dict; see
+    :func:`read_official_state_dict` for the other layouts) or one of our training checkpoints / run directories
+    into ``model``, strictly: every tensor of the file must land in the model and every model tensor must come from
+    the file. ``convert`` maps official key names (and layouts) onto ours, one tensor for one tensor (the DiMR
+    mapping, ``backbones.dimr.from_official_state_dict``); DiT's names need none. Returns the loaded state_dict.
 
     Loaded with ``weights_only=True``: no code from the file is executed.
     """
-    state, name, _ = read_state_dict(path, prefer_ema, what="DiT checkpoint")
+    state, name = read_official_state_dict(path, prefer_ema, what=f"{type(model).__name__} checkpoint")
+    if convert is not None:
+        converted = convert(state)
+        if len(converted) != len(state):
+            raise RuntimeError(f"converting checkpoint {name} turned {len(state)} tensors into {len(converted)}: the "
+                               f"key mapping must be one-to-one (no tensor dropped or merged)")
+        state = converted
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {name} does not match {type(model).__name__}: missing keys "

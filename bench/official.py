@@ -103,7 +103,9 @@ def evaluate(args: argparse.Namespace, scorer: Any | None = None) -> dict:
         print(f"VAE decoder {args.vae}: {vae_gmacs:.1f} GMACs per image (reported apart from the backbone)")
     if scorer is None:
         scorer = make_fid_scorer(args.reference, args.inception_weights, device, not args.no_progress)
-    labels = torch.randint(0, model.num_classes, (args.num_samples,),
+    if model.num_classes == 0 and args.cfg_scale > 1:
+        raise ConfigError(f"--cfg-scale {args.cfg_scale}: the checkpoint is unconditional (no classes); use 1")
+    labels = torch.randint(0, max(model.num_classes, 1), (args.num_samples,),
                            generator=torch.Generator().manual_seed(args.seed))  # uniformly random (DiT)
     ts = time.time()
     samples = sample_images(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,

@@ -186,7 +186,7 @@ class FileDataset(Dataset):
     def identity(self) -> dict:
         return dict(self._identity)
 
-    def decode(self, i: int) -> np.ndarray:
+    def read_image(self, i: int) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
         path = self.files[i]
@@ -202,7 +202,7 @@ class FileDataset(Dataset):
         return arr
 
     def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        px = torch.from_numpy(np.stack([self.decode(int(i)) for i in idx])).permute(0, 3, 1, 2)
+        px = torch.from_numpy(np.stack([self.read_image(int(i)) for i in idx])).permute(0, 3, 1, 2)
         return px.float() / 127.5 - 1.0, self.labels[idx]
 
 

@@ -89,22 +89,59 @@ def _backbone_from_config(config: Mapping) -> tuple[str | None, dict]:
     return None, {}
 
 
+def official_dit_kwargs(state: Mapping[str, torch.Tensor]) -> dict | None:
+    """DiT constructor keywords read off a bare state_dict in the official DiT layout (``DiT-XL-2-256x256.pt``):
+    patch size, input size, channels, classes and learn_sigma from the tensor shapes, the size preset from (depth,
+    width), which also fixes the head count (not visible in any shape). None when the keys are not DiT's or no DiT
+    preset has that depth and width (then the caller must name the backbone and its keywords)."""
+    from backbones.dit import DIT_PRESETS
+
+    needed = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight",
+              "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
+    if any(k not in state for k in needed):
+        return None
+    hidden, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    size = next((s for s, p in DIT_PRESETS.items() if (p["depth"], p["hidden_size"]) == (depth, hidden)), None)
+    tokens = state["pos_embed"].shape[1]
+    grid = round(tokens ** 0.5)
+    out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    if size is None or grid * grid != tokens or out_channels not in (in_channels, 2 * in_channels):
+        return None
+    kwargs = dict(size=size, patch_size=int(patch), input_size=int(grid * patch), in_channels=int(in_channels),
+                  # the official embedding table has the CFG null row: num_classes + 1 rows (class dropout 0.1)
+                  num_classes=int(state["y_embedder.embedding_table.weight"].shape[0]) - 1, class_dropout_prob=0.1,
+                  learn_sigma=out_channels == 2 * in_channels)
+    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    if mlp_ratio != 4.0:
+        kwargs["mlp_ratio"] = mlp_ratio
+    return kwargs
+
+
 def load_teacher(path: str | os.PathLike, build_kwargs: Mapping | None = None, backbone: str | None = None,
                  prefer_ema: bool = True, device: torch.device | str = "cpu") -> nn.Module:
     """A frozen teacher in eval mode from a checkpoint.
 
     ``path``: our trainer's checkpoint ``{"model", "ema", "config", ...}`` (EMA weights preferred; the backbone
     name and constructor kwargs come from the config, see :func:`_backbone_from_config`), a run directory (its
-    ``checkpoints/last.pt``) or a bare state_dict such as the official ``DiT-XL-2-256x256.pt`` (then give
-    ``backbone`` and ``build_kwargs``). Explicit ``backbone`` / ``build_kwargs`` override the checkpoint's.
+    ``checkpoints/last.pt``) or a bare state_dict. A bare state_dict in the official DiT layout such as
+    ``DiT-XL-2-256x256.pt`` is recognised (:func:`official_dit_kwargs`), so ``distill.teacher=`` takes the released
+    file as it is; any other bare state_dict needs ``backbone`` and ``build_kwargs``. Explicit ``backbone`` /
+    ``build_kwargs`` override the checkpoint's.
     Loaded with ``weights_only=True`` and strictly.
     """
     state, name, config = read_state_dict(path, prefer_ema, what="teacher checkpoint")
     cfg_name, cfg_kwargs = _backbone_from_config(config)
+    if backbone is None and cfg_name is None:  # a bare state_dict: the official DiT release layout?
+        official = official_dit_kwargs(state)
+        if official is not None:
+            cfg_name, cfg_kwargs = "dit", official
+            log.info("teacher %s: a bare DiT state_dict, read as %s", name, official)
     bb_name = backbone or cfg_name
     if bb_name is None:
-        raise ValueError(f"{name} does not say which backbone it holds (no config['backbone_name']); pass "
-                         f"backbone=<name> (one of {', '.join(backbones.available())}) and build_kwargs")
+        raise ValueError(f"{name} does not say which backbone it holds (no config['backbone_name'], and not a DiT "
+                         f"state_dict whose depth and width match a DiT preset); pass backbone=<name> (one of "
+                         f"{', '.join(backbones.available())}) and build_kwargs")
     kwargs = {**cfg_kwargs, **dict(build_kwargs or {})}
     kwargs.pop("init_from", None)  # the teacher is fully loaded below; never re-initialise from another file
     model = backbones.build(bb_name, **kwargs)

@@ -67,8 +67,7 @@ def validate_extract(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"{key}={cfg[key]} is out of range: an integer >= 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"limit={cfg.limit} is out of range: null or an integer >= 1")
-    if cfg.dataset.random_flip:
-        raise ConfigError("dataset.random_flip does not apply to extraction; flips=true stores both orientations")
+    cfg.dataset.random_flip = False  # a training option (the dataset yamls set it): flips=true stores both views
     return cfg
 
 

@@ -272,9 +272,9 @@ CELEBA_CROPS = {"ddim": celeba_ddim_crop, "resize": celeba_resize_crop}
 class ImageFiles(FileDataset):
     """A :class:`FileDataset` whose protocol errors (:class:`WrongImage`) name the file."""
 
-    def decode(self, i: int) -> np.ndarray:
+    def read_image(self, i: int) -> np.ndarray:
         try:
-            return super().decode(i)
+            return super().read_image(i)
         except WrongImage as e:
             raise DatasetError(f"{self.files[i]}: {e}") from None
 
