@@ -9,8 +9,10 @@ sigmoid(receptance)), both with adaLN-Zero (shift, scale, gate) and stochastic d
 then the DiT final layer (second, non-affine LayerNorm with adaLN) and unpatchify. Parameter names follow the
 official module names (patch_embed, time_embed, label_emb, in_blocks, mid_block, out_blocks, att, ffn, ...).
 
-Bi-WKV computes the paper's formula exactly (see ``backbones.kernels``), not the official CUDA kernel's
-chunk-boundary variant; w = spatial_decay / T and u = spatial_first / T with T the current token count.
+Bi-WKV computes the paper's formula exactly (see ``backbones.kernels``) by default; ``wkv_variant="official"``
+reproduces the official CUDA kernel's arithmetic instead (its 32-chunk distance convention and its backward, see
+``backbones.kernels.wkv_official``), for weights trained with that kernel. w = spatial_decay / T and
+u = spatial_first / T with T the current token count.
 
 Per block: 19 D^2 + 17 D parameters and 13 D^2 MACs per token (4 D^2 spatial mix, 9 D^2 channel mix); each
 out-block adds its skip Linear (2 D^2 + D parameters, 2 D^2 MACs per token). DRWKV-H/2 at 32x32x4 latents with
@@ -31,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register, register_token_mixer
-from .kernels import bi_wkv
+from .kernels import BI_WKV_VARIANTS, bi_wkv
 from .layers import (
     DiffusionBackbone,
     FinalLayer,
@@ -80,6 +82,14 @@ def q_shift(x: torch.Tensor, grid_h: int, grid_w: int, shift: int = 1, gamma: fl
     return out.reshape(B, T, C)
 
 
+def check_wkv_variant(variant: str) -> str:
+    """``variant`` if it names a Bi-WKV arithmetic ("paper" or "official"), else a ValueError saying so."""
+    if variant not in BI_WKV_VARIANTS:
+        raise ValueError(f"unknown wkv_variant {variant!r}; choose one of {', '.join(map(repr, BI_WKV_VARIANTS))} "
+                         f"(the paper's Bi-WKV formula, or the official CUDA kernel's arithmetic)")
+    return variant
+
+
 def mix_shifted(x: torch.Tensor, xx: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """x * mix + xx * (1 - mix), as one fused lerp in the activations' dtype (bf16 under autocast)."""
     return torch.lerp(xx, x, mix.to(x.dtype))
@@ -107,10 +117,11 @@ class SpatialMix(nn.Module):
     """Bi-WKV token mixer: q_shift interpolation, k/v/r projections, Bi-WKV, sigmoid(r) gate, output projection."""
 
     def __init__(self, dim: int, n_layer: int, layer_id: int, grid_size: tuple[int, int], shift_pixel: int = 1,
-                 channel_gamma: float = 0.25):
+                 channel_gamma: float = 0.25, wkv_variant: str = "paper"):
         super().__init__()
         if channel_gamma > 0.25:
             raise ValueError(f"channel_gamma must be <= 1/4 (four shifted groups), got {channel_gamma}")
+        self.wkv_variant = check_wkv_variant(wkv_variant)
         self.grid_size = tuple(grid_size)
         self.shift_pixel = shift_pixel
         self.channel_gamma = channel_gamma
@@ -138,7 +149,7 @@ class SpatialMix(nn.Module):
         else:
             xk = xv = xr = x
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
-        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+        y = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v, variant=self.wkv_variant)
         return self.output(torch.sigmoid(r) * y)
 
 
@@ -173,7 +184,8 @@ class DRWKVBlock(nn.Module):
     """Bi-RWKV block with adaLN-Zero; ``skip=True`` adds the U-ViT long-skip fusion Linear(2D -> D)."""
 
     def __init__(self, dim: int, n_layer: int, layer_id: int, grid_size: tuple[int, int], drop_path: float = 0.0,
-                 hidden_rate: int = 4, shift_pixel: int = 1, channel_gamma: float = 0.25, skip: bool = False):
+                 hidden_rate: int = 4, shift_pixel: int = 1, channel_gamma: float = 0.25, skip: bool = False,
+                 wkv_variant: str = "paper"):
         super().__init__()
         self.layer_id = layer_id
         self.drop_path = drop_path
@@ -181,7 +193,7 @@ class DRWKVBlock(nn.Module):
             self.ln0 = nn.LayerNorm(dim)
         self.ln1 = nn.LayerNorm(dim)
         self.ln2 = nn.LayerNorm(dim)
-        self.att = SpatialMix(dim, n_layer, layer_id, grid_size, shift_pixel, channel_gamma)
+        self.att = SpatialMix(dim, n_layer, layer_id, grid_size, shift_pixel, channel_gamma, wkv_variant)
         self.ffn = ChannelMix(dim, n_layer, layer_id, grid_size, shift_pixel, channel_gamma, hidden_rate)
         self.adaLN_modulation = adaln_modulation(dim, 6)
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
@@ -202,7 +214,8 @@ class DRWKVBlock(nn.Module):
 @register("rwkv")
 class DiffusionRWKV(DiffusionBackbone):
     """Diffusion-RWKV. ``size`` in S/B/M/L/H; ``depth`` (odd) and ``hidden_size`` override it; ``num_classes=0``
-    builds the unconditional model (no label table, y ignored)."""
+    builds the unconditional model (no label table, y ignored). ``wkv_variant``: "paper" (default, the paper's
+    Bi-WKV formula) or "official" (the official CUDA kernel's arithmetic, for weights trained with it)."""
 
     presets = DRWKV_PRESETS
 
@@ -210,8 +223,9 @@ class DiffusionRWKV(DiffusionBackbone):
                  num_classes: int = 1000, learn_sigma: bool = True, class_dropout_prob: float = 0.1,
                  depth: int | None = None, hidden_size: int | None = None, num_heads: int | None = None,
                  drop_path_rate: float = 0.1, hidden_rate: int = 4, shift_pixel: int = 1,
-                 channel_gamma: float = 0.25):
+                 channel_gamma: float = 0.25, wkv_variant: str = "paper"):
         super().__init__()
+        self.wkv_variant = check_wkv_variant(wkv_variant)
         if num_heads is not None:
             raise ValueError("Diffusion-RWKV has no attention heads (Bi-WKV mixes each channel separately); "
                              "leave num_heads unset")
@@ -235,7 +249,7 @@ class DiffusionRWKV(DiffusionBackbone):
 
         def block(layer_id: int, skip: bool = False) -> DRWKVBlock:
             return DRWKVBlock(hidden, depth, layer_id, grid, dpr[layer_id], hidden_rate, shift_pixel,
-                              channel_gamma, skip=skip)
+                              channel_gamma, skip=skip, wkv_variant=wkv_variant)
 
         self.in_blocks = nn.ModuleList([block(i) for i in range(half)])
         self.mid_block = block(half)
@@ -283,3 +297,61 @@ def _bi_wkv_mixer(width: int, grid_h: int, grid_w: int) -> nn.Module:
     """Diffusion-RWKV's mixer: the spatial mix (q_shift, k/v/r projections, Bi-WKV, gate, output projection) with
     the fancy init of the first block of DRWKV-S; Bi-WKV through the default implementation for the device."""
     return SpatialMix(width, n_layer=13, layer_id=0, grid_size=(grid_h, grid_w))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Official checkpoints (feizc/Diffusion-RWKV models_drwkv.py; weights on https://huggingface.co/feizhengcong/Diffusion-RWKV)
+# ------------------------------------------------------------------------------------------------------------------
+# Our parameter names and shapes are the official ones (DiffRWKVModel), so official state_dicts load unchanged. The
+# only released file, ``l-2-uncond.pt`` (7.03 GB: the official training checkpoint {"model", "ema", "opt", "args"}),
+# is misnamed (feizc/Diffusion-RWKV#1): its tensors (pos_embed (1, 1024, 768), patch_embed.proj.weight
+# (768, 3, 2, 2), final_layer.linear.weight (24, 768), 18 in- and 18 out-blocks, no label_emb) are DRWKV-L/2 on
+# 64x64 RGB pixels (CelebA-64), unconditional (official num_classes=-1: no label table; ours num_classes=0),
+# learned sigma. It was trained through the official CUDA Bi-WKV kernel, whose arithmetic differs from the paper
+# formula at its 32-token chunk boundaries: evaluate it with the backbone's ``wkv_variant="official"``.
+OFFICIAL_CHECKPOINTS = {
+    "l-2-uncond.pt": dict(size="L", patch_size=2, input_size=64, in_channels=3, num_classes=0, learn_sigma=True),
+}
+
+
+def official_build_kwargs(name: str = "l-2-uncond.pt") -> dict:
+    """``build("rwkv", **official_build_kwargs(name))`` builds the model an official file was trained as, with the
+    official kernel arithmetic (``wkv_variant="official"``)."""
+    if name not in OFFICIAL_CHECKPOINTS:
+        raise KeyError(f"unknown official Diffusion-RWKV checkpoint {name!r}; known: {sorted(OFFICIAL_CHECKPOINTS)}")
+    return dict(OFFICIAL_CHECKPOINTS[name], wkv_variant="official")
+
+
+def from_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official ``DiffRWKVModel`` state_dict -> ours: the names and shapes are the same (a new dict, same tensors)."""
+    return dict(state)
+
+
+def to_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state_dict -> the official names (identical; inverse of :func:`from_official_state_dict`)."""
+    return dict(state)
+
+
+def load_official_checkpoint(model: DiffusionRWKV, source, prefer_ema: bool = True) -> dict[str, torch.Tensor]:
+    """Load an official Diffusion-RWKV checkpoint (file, run directory or state_dict) strictly into ``model``, built
+    as ``build("rwkv", **official_build_kwargs(name))``. The official training checkpoint gives its EMA weights
+    (as the official sample.py does). Warns when ``model`` computes Bi-WKV other than the official kernel's way."""
+    import warnings
+
+    from .dit import load_official_checkpoint as load
+    from .dit import read_official_state_dict
+
+    if not isinstance(model, DiffusionRWKV):
+        raise TypeError(f"expected a DiffusionRWKV model, got {type(model).__name__}")
+    state, name = read_official_state_dict(source, prefer_ema, what="Diffusion-RWKV checkpoint")
+    has_labels = "label_emb.embedding_table.weight" in state
+    if has_labels != (model.label_emb is not None):
+        raise ValueError(f"checkpoint {name} is {'class-conditional' if has_labels else 'unconditional'} but the "
+                         f"model was built with num_classes={model.num_classes}; build it with "
+                         + ("num_classes = the table's rows - 1" if has_labels else "num_classes=0 (no label table)"))
+    loaded = load(model, state, convert=from_official_state_dict)
+    if model.wkv_variant != "official":
+        warnings.warn(f"official Diffusion-RWKV weights were trained with the official CUDA Bi-WKV kernel; this "
+                      f"model computes wkv_variant={model.wkv_variant!r}. Build it with wkv_variant='official' to "
+                      f"reproduce the official outputs", stacklevel=2)
+    return loaded

@@ -3,16 +3,24 @@
 Two metrics with two names, never mixed up:
 
 * ``fid`` (plus ``kid_mean``, ``isc_mean``, ``precision``, ... on request): the standard Inception metrics, computed
-  by ``torch_fidelity.calculate_metrics`` on uint8 image tensors wrapped in a Dataset (torch-fidelity's
-  conditional-generator path is broken with numpy >= 1.24, so samples are generated first). Runs on the CPU unless a
-  CUDA device is requested (torch-fidelity itself defaults to CUDA). The Inception weights come from a local file
-  (``inception_weights=``, sweep config ``eval.inception_weights=``) or torch-fidelity's / pytorch-fid's download cache
-  under ``$TORCH_HOME/hub/checkpoints``; nothing is downloaded implicitly. Nothing here is ever unpickled: the
-  weights are read with ``torch.load(weights_only=True)`` and handed to torch-fidelity's extractor in memory (never
-  as a path, which it would load with ``weights_only=False``); features are extracted here and scored with
+  with torch-fidelity's Inception extractor and metric functions on uint8 images (torch-fidelity's
+  conditional-generator path is broken with numpy >= 1.24, so samples are generated first). The reference is a set
+  of images, a dataset split streamed batch by batch (CIFAR-10's 50k training images are never one float tensor), or
+  precomputed statistics in ADM's reference-batch layout (``mu``, ``sigma``: ``VIRTUAL_imagenet256_labeled.npz``);
+  samples are images or an ADM-layout ``.npz`` (``arr_0`` uint8 NHWC) streamed from disk. ``python -m bench.fid``
+  is the command line (reference statistics of a dataset, FID of an ``.npz``) and documents each paper's protocol.
+  Runs on the CPU unless a CUDA device is requested (torch-fidelity itself defaults to CUDA). The Inception weights
+  come from a local file (``inception_weights=``, sweep config ``eval.inception_weights=``), torch-fidelity's /
+  pytorch-fid's cache under ``$TORCH_HOME/hub/checkpoints``, or, when neither exists, torch-fidelity's own download
+  into that cache (``BENCH_OFFLINE=1`` disables the attempt; the test suite sets it); without a file and offline,
+  the error names both ways to provide one. Nothing here is ever unpickled: the weights are read with
+  ``torch.load(weights_only=True)`` and handed to torch-fidelity's extractor in memory (never as a path, which it
+  would load with ``weights_only=False``); ``.npz`` files are read with ``allow_pickle=False`` (sample batches by
+  parsing the ``.npy`` header and copying raw uint8 bytes); features are extracted here and scored with
   torch-fidelity's metric functions, and the reference features/statistics are cached here as ``.npz`` (atomic
-  write, read with ``allow_pickle=False``) under a name made of the content hash of the reference images and of the
-  weights file. torch-fidelity's own pickle cache (``cache_root``) is never used.
+  write, read with ``allow_pickle=False``) under a name made of the reference's key (content hash of images, the
+  identity of a dataset split, the hash of an ``.npz``) and of the weights file's hash. torch-fidelity's own pickle
+  cache (``cache_root``) is never used.
 * ``fd_<dataset>_classifier``: the Frechet distance in the penultimate features of a small CNN that the project
   trains once per dataset on its training split (deterministic, cached; its test accuracy is recorded), plus that
   classifier's accuracy on class-conditional samples (predicted class == conditioning label). This is the CPU-scale
@@ -23,10 +31,15 @@ Two metrics with two names, never mixed up:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import io
+import json
 import os
+import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -209,6 +222,38 @@ def _inception_extractor(state_dict: dict[str, torch.Tensor], features: list[str
         return FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, features, feature_extractor_weights_path=buf)
 
 
+OFFLINE_ENV = "BENCH_OFFLINE"  # set to 1 to never download the Inception weights (the test suite sets it)
+
+
+def _offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _download_url(url: str, dst: Path, progress: bool = True) -> None:
+    """The one network access of this module (tests replace it)."""
+    torch.hub.download_url_to_file(url, str(dst), progress=progress)
+
+
+def download_inception_weights(hub: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Download torch-fidelity's Inception weights (``INCEPTION_WEIGHTS_URLS[1]``) into ``hub`` (default
+    ``$TORCH_HOME/hub/checkpoints``, where torch-fidelity caches them and :func:`resolve_inception_weights` looks).
+
+    The file is validated with a weights-only load before it gets its final name, so a torn or foreign download is
+    never left where the loader looks. Raises whatever the download or the validation raised.
+    """
+    hub = Path(torch.hub.get_dir()) / "checkpoints" if hub is None else Path(hub)
+    hub.mkdir(parents=True, exist_ok=True)
+    dst = hub / TORCH_FIDELITY_WEIGHTS_FILE
+    tmp = hub / f".{TORCH_FIDELITY_WEIGHTS_FILE}.{os.getpid()}.download"
+    try:
+        _download_url(INCEPTION_WEIGHTS_URLS[1], tmp, progress)
+        _load_inception_state_dict(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
 def _resolve_inception_weights(inception_weights: str | os.PathLike | None) -> tuple[Path, str]:
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     if inception_weights is not None:
@@ -219,10 +264,18 @@ def _resolve_inception_weights(inception_weights: str | os.PathLike | None) -> t
     else:
         cached = [hub / TORCH_FIDELITY_WEIGHTS_FILE, hub / INCEPTION_WEIGHTS_FILE]
         path = next((p for p in cached if p.is_file()), None)
+        failure = ""
+        if path is None and _offline():
+            failure = f"the automatic download is disabled by {OFFLINE_ENV}={os.environ.get(OFFLINE_ENV)}"
+        elif path is None:
+            try:
+                path = download_inception_weights(hub)
+            except Exception as e:  # offline, a proxy page, a full disk: the error below says what to do
+                failure = f"the automatic download of {INCEPTION_WEIGHTS_URLS[1]} failed: {type(e).__name__}: {e}"
         if path is None:
             raise FileNotFoundError(
-                f"Inception FID weights not found. Download {INCEPTION_WEIGHTS_FILE} on a machine with internet "
-                f"({INCEPTION_WEIGHTS_URLS[0]}; torch-fidelity's {TORCH_FIDELITY_WEIGHTS_FILE} from "
+                f"Inception FID weights not found ({failure}). Download {INCEPTION_WEIGHTS_FILE} on a machine with "
+                f"internet ({INCEPTION_WEIGHTS_URLS[0]}; torch-fidelity's {TORCH_FIDELITY_WEIGHTS_FILE} from "
                 f"{INCEPTION_WEIGHTS_URLS[1]} is the same tensors), then either pass "
                 f"{WEIGHTS_CONFIG_KEY}=/path/to/{INCEPTION_WEIGHTS_FILE} or copy it to "
                 f"{hub / TORCH_FIDELITY_WEIGHTS_FILE} (torch-fidelity's cache; $TORCH_HOME/hub/checkpoints). "
@@ -232,18 +285,20 @@ def _resolve_inception_weights(inception_weights: str | os.PathLike | None) -> t
 
 
 def resolve_inception_weights(inception_weights: str | os.PathLike | None = None) -> Path:
-    """The local Inception weights file: the configured path, else torch-fidelity's or pytorch-fid's hub cache.
+    """The Inception weights file: the configured path, else torch-fidelity's or pytorch-fid's hub cache, else
+    torch-fidelity's file downloaded into that cache (unless ``BENCH_OFFLINE=1``).
 
-    Raises FileNotFoundError naming the file and where to put it when there is none (no download is attempted),
-    and ValueError when the file is not a tensor-only FID Inception state dict (checked with a weights-only load).
+    Raises FileNotFoundError naming the file, both ways to provide it and why the download did not happen when
+    there is none, and ValueError when the file is not a tensor-only FID Inception state dict (checked with a
+    weights-only load).
     """
     return _resolve_inception_weights(inception_weights)[0]
 
 
-def _read_npz(path: Path, ndims: dict[str, int]) -> dict[str, np.ndarray] | None:
+def _read_npz(path: Path | None, ndims: dict[str, int]) -> dict[str, np.ndarray] | None:
     """Float arrays ``ndims`` (name -> ndim) of a cached .npz, read with ``allow_pickle=False``; None when the file
-    is absent or rejected (with a warning: it is then recomputed and replaced)."""
-    if not path.is_file():
+    is absent (or there is no cache) or rejected (with a warning: it is then recomputed and replaced)."""
+    if path is None or not path.is_file():
         return None
     try:
         z = np.load(path, allow_pickle=False)
@@ -263,7 +318,10 @@ def _read_npz(path: Path, ndims: dict[str, int]) -> dict[str, np.ndarray] | None
 
 def to_uint8_rgb(images: Any, what: str = "images") -> torch.Tensor:
     """(N, 1|3, H, W) uint8 or float in [-1, 1] -> uint8 (N, 3, H, W); grayscale is repeated to 3 channels."""
-    x = to_uint8(to_unit_range(images, what), what)
+    x = torch.as_tensor(images)
+    x = x.detach().cpu() if x.dtype == torch.uint8 else to_uint8(to_unit_range(x, what), what)
+    if x.ndim != 4 or x.shape[0] == 0:
+        x = _as_tensor(x, what)  # the shape errors
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     if x.shape[1] != 3:
@@ -271,25 +329,307 @@ def to_uint8_rgb(images: Any, what: str = "images") -> torch.Tensor:
     return x.contiguous()
 
 
-class InceptionMetric:
-    """FID (and KID / IS / precision-recall on request) of samples against fixed reference images.
+# --------------------------------------------------------------------------------------------------------------
+# Image sources (streamed as uint8 RGB batches) and reference statistics files
+# --------------------------------------------------------------------------------------------------------------
 
-    ``score`` returns ``metric_name="fid"`` and ``metric_value``, plus ``kid_mean``, ``kid_std``, ``isc_mean``,
-    ``isc_std``, ``precision``, ``recall``, ``f_score`` when requested. Precision/recall use the Inception pool
-    features (ADM's convention), not torch-fidelity's VGG16 default. Features are extracted here (tqdm progress bar
-    unless ``progress=False``) and scored with torch-fidelity's metric functions. Reference features/statistics are
-    cached in ``cache_dir`` as .npz under the content hash of the reference images and of the weights file.
-    ``feature_extractor`` other than Inception (a project extractor registered with
-    ``torch_fidelity.register_feature_extractor``; torch-fidelity's other built-ins unpickle or download their
-    weights and are refused) exists for tests and renames the metric to ``fd_<extractor>``.
+ADM_LAYOUT = ("uint8 images (N, H, W, 3) under arr_0: ADM's evaluator layout, which diffusion.sampling.save_npz "
+              "(python -m diffusion.sample) and DiT's sample_ddp.py write")
+STATISTICS_LAYOUT = ("an FID statistics .npz holding mu (D,) and sigma (D, D) of the Inception pool features "
+                     "(ADM's reference batches such as VIRTUAL_imagenet256_labeled.npz, or python -m bench.fid ref)")
+
+
+class ImageSource:
+    """Images fed to the feature extractor as uint8 RGB (B, 3, H, W) batches, so that no set is ever held as one
+    float tensor. ``image_shape`` is (3, H, W); ``cache_key`` names the content in cache file names."""
+
+    what = "images"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def cache_key(self) -> str:
+        raise NotImplementedError
+
+
+class TensorImages(ImageSource):
+    """Images in memory: (N, C, H, W) uint8 or float in [-1, 1], converted to uint8 RGB once; keyed by content."""
+
+    def __init__(self, images: Any, what: str = "images"):
+        self.images, self.what = to_uint8_rgb(images, what), what
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self.images), batch_size):
+            yield self.images[i:i + batch_size]
+
+    @functools.cached_property
+    def cache_key(self) -> str:
+        return f"ref-{content_hash(self.images)[:16]}"
+
+
+def _plain_name(text: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
+
+
+class DatasetImages(ImageSource):
+    """A ``diffusion.data.Dataset`` streamed through its ``uint8_batches`` (CIFAR-10's 50k training images are
+    never one float tensor; only their features are kept).
+
+    ``limit`` keeps the first ``limit`` images (U-ViT's CelebA-64 statistics use 50,000 training images). The cache
+    key is the dataset's identity, not a hash of every image: name, ``split``, image size, channels, ``identity()``
+    (crop protocol, ...), length, plus a content hash of its first and last ``PROBE`` images, so statistics are never
+    reused under another dataset recipe or another copy of the data. VAE-latent datasets are refused (their
+    references are the source images or a statistics file).
     """
 
-    def __init__(self, reference_images: Any, cache_dir: str | os.PathLike, inception_weights: str | None = None,
+    PROBE = 32
+
+    def __init__(self, dataset: Any, split: str | None = None, what: str = "reference", limit: int | None = None):
+        if not getattr(dataset, "pixel_space", True):
+            raise ValueError(f"dataset {dataset.name} holds VAE latents, not images: an FID reference comes from the "
+                             f"source images (a pixel dataset) or from {STATISTICS_LAYOUT} (eval.reference=<file>)")
+        if dataset.channels not in (1, 3):
+            raise ValueError(f"dataset {dataset.name}: Inception metrics need 1 or 3 channels, not {dataset.channels}")
+        if len(dataset) == 0:
+            raise ValueError(f"dataset {dataset.name} ({split or 'no split'}) holds no images")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit={limit}: keep at least one image")
+        self.dataset, self.what = dataset, what
+        self.n = len(dataset) if limit is None else min(int(limit), len(dataset))
+        self.split = split if split is not None else getattr(dataset, "split", None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.dataset.image_size, self.dataset.image_size)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for batch in self.dataset.uint8_batches(batch_size, limit=self.n):
+            yield to_uint8_rgb(batch, f"{self.dataset.name} images")
+
+    def identity(self) -> dict[str, Any]:
+        ds, n = self.dataset, self.n
+        k = min(self.PROBE, n)
+        first, last = (to_uint8(ds.fetch(torch.arange(a, b))[0]) for a, b in ((0, k), (n - k, n)))
+        return {"name": ds.name, "split": self.split, "image_size": ds.image_size, "channels": ds.channels,
+                "identity": ds.identity(), "len": n, "probe": content_hash(first, last)}
+
+    @functools.cached_property
+    def cache_key(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True, default=str)
+        return f"ref-{_plain_name(self.dataset.name)}-{_plain_name(self.split or 'all')}-{content_hash(text)[:16]}"
+
+
+def _read_exact(f: Any, n: int, what: str) -> bytearray:
+    buf = bytearray(n)
+    view, pos = memoryview(buf), 0
+    while pos < n:
+        got = f.readinto(view[pos:])
+        if not got:
+            raise ValueError(f"{what} is truncated ({pos} of {n} bytes of a batch)")
+        pos += got
+    return buf
+
+
+class NpzImages(ImageSource):
+    """The uint8 (N, H, W, C) images (C = 3, or 1 for grayscale) stored under ``key`` (``arr_0``) of an .npz,
+    streamed batch by batch straight from the archive (50k samples at 256 px are 9.8 GB).
+
+    Nothing is unpickled: the .npy header is parsed (a literal, not a pickle), an object or non-uint8 array is
+    refused before any data is read, and the data are copied as raw bytes.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str = "arr_0", what: str = "samples"):
+        self.path, self.key, self.what = Path(path).expanduser(), key, what
+        with self._member() as (_, shape):
+            self.shape = shape
+
+    @contextlib.contextmanager
+    def _member(self) -> Iterator[tuple[Any, tuple[int, int, int, int]]]:
+        """The open array member positioned at its data, and its (N, H, W, C) shape (validated)."""
+        path = self.path
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.what} {path}: no such file; expected an .npz of {ADM_LAYOUT}")
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{self.what} {path} is not an .npz archive; expected {ADM_LAYOUT}")
+        with zipfile.ZipFile(path) as zf:
+            names = [n.removesuffix(".npy") for n in zf.namelist()]
+            if self.key not in names:
+                raise ValueError(f"{self.what} {path} has no {self.key} array (it holds {', '.join(names) or 'none'}); "
+                                 f"expected {ADM_LAYOUT}")
+            with zf.open(f"{self.key}.npy") as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                except ValueError as e:
+                    raise ValueError(f"{self.what} {path}: {self.key} is not a readable .npy array ({e}); expected "
+                                     f"{ADM_LAYOUT}") from None
+                if (dtype != np.uint8 or fortran or len(shape) != 4 or shape[3] not in (1, 3) or shape[0] < 1
+                        or 0 in shape):
+                    got = f"{dtype} array of shape {tuple(shape)}{' (Fortran order)' if fortran else ''}"
+                    raise ValueError(f"{self.what} {path}: {self.key} is a {got}; expected {ADM_LAYOUT}")
+                yield f, tuple(int(s) for s in shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.shape[1], self.shape[2])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        with self._member() as (f, (n, h, w, c)):
+            for start in range(0, n, batch_size):
+                k = min(batch_size, n - start)
+                buf = _read_exact(f, k * h * w * c, f"{self.what} {self.path}")
+                arr = torch.frombuffer(buf, dtype=torch.uint8).reshape(k, h, w, c)
+                yield to_uint8_rgb(arr.permute(0, 3, 1, 2), f"{self.what} {self.path}")
+
+    @functools.cached_property
+    def cache_key(self) -> str:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return f"npz-{_plain_name(self.key)}-{h.hexdigest()[:16]}"
+
+
+@dataclasses.dataclass(eq=False)
+class ReferenceStatistics:
+    """FID reference statistics: ``mu`` (D,) and ``sigma`` (D, D) of the Inception pool features, as ADM's
+    reference batches hold them (``read_statistics``); ``images`` are the file's ``arr_0`` (ADM ships 10,000 for
+    precision/recall), used for KID and precision/recall only."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    path: Path | None = None
+    images: NpzImages | None = None
+
+    def __post_init__(self) -> None:
+        where = str(self.path) if self.path is not None else "reference statistics"
+        mu, sigma = np.asarray(self.mu), np.asarray(self.sigma)
+        for name, a, nd in (("mu", mu, 1), ("sigma", sigma, 2)):
+            if a.dtype.kind != "f" or a.ndim != nd:
+                raise ValueError(f"{where}: {name} is a {a.dtype} array of shape {a.shape}, expected a float "
+                                 f"{'(D,)' if nd == 1 else '(D, D)'} array; expected {STATISTICS_LAYOUT}")
+        if mu.size == 0 or sigma.shape != (mu.size, mu.size):
+            raise ValueError(f"{where}: mu {mu.shape} and sigma {sigma.shape} do not fit together (mu (D,), sigma "
+                             f"(D, D)); expected {STATISTICS_LAYOUT}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"{where}: mu or sigma contains NaN or inf")
+        self.mu, self.sigma = mu, sigma
+
+
+def read_statistics(path: str | os.PathLike) -> ReferenceStatistics:
+    """FID reference statistics from an .npz (ADM reference batch layout: ``mu``, ``sigma``, optionally ``arr_0``
+    images; ``mu_s``/``sigma_s``, the spatial sFID statistics, are ignored), read with ``allow_pickle=False`` and
+    validated (keys, shapes, finite values); errors name the file and the expected keys."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"FID reference statistics {path}: no such file; expected {STATISTICS_LAYOUT}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # not a numpy file, a torn archive, ...
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); expected {STATISTICS_LAYOUT}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array, not an .npz archive; expected {STATISTICS_LAYOUT}")
+    with z:
+        missing = [k for k in ("mu", "sigma") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path} has no {' or '.join(missing)} (it holds {', '.join(z.files) or 'nothing'}); "
+                             f"expected {STATISTICS_LAYOUT}")
+        try:
+            mu, sigma = z["mu"], z["sigma"]
+        except ValueError as e:  # object arrays: refused without unpickling
+            raise ValueError(f"{path}: {e}; expected {STATISTICS_LAYOUT}") from None
+        has_images = "arr_0" in z.files
+    images = NpzImages(path, "arr_0", what="reference images") if has_images else None
+    return ReferenceStatistics(mu, sigma, path, images)
+
+
+def write_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **extra: Any) -> Path:
+    """Write FID statistics as an ADM-format .npz (``mu``, ``sigma`` plus ``extra`` arrays), atomically."""
+    stats = ReferenceStatistics(mu, sigma, Path(path))  # validated
+    arrays = {k: np.asarray(v) for k, v in extra.items()}
+    if any(a.dtype.hasobject for a in arrays.values()):
+        raise TypeError("write_statistics: extra arrays must not hold Python objects (they would need pickle)")
+    return atomic_write(path, lambda fh: np.savez(fh, mu=stats.mu, sigma=stats.sigma, **arrays))
+
+
+def _is_dataset(obj: Any) -> bool:
+    from diffusion.data import Dataset
+
+    return isinstance(obj, Dataset)
+
+
+class InceptionMetric:
+    """FID (and KID / IS / precision-recall on request) of samples against a fixed reference.
+
+    ``reference`` is one of:
+
+    * images: (N, C, H, W) uint8 or float in [-1, 1], cached under their content hash;
+    * a ``diffusion.data.Dataset`` split (``split`` names it), streamed batch by batch (``DatasetImages``: CIFAR-10's
+      50k training images, CelebA-64, ...), cached under the dataset's identity;
+    * ``ReferenceStatistics`` (``read_statistics``, or :meth:`from_statistics`): precomputed ``mu``/``sigma`` such as
+      ADM's ``VIRTUAL_imagenet256_labeled.npz``; FID compares against them as they are; KID and precision/recall
+      need the file's ``arr_0`` images (an error says so otherwise);
+    * any ``ImageSource`` (``NpzImages``: another ADM-layout sample batch).
+
+    ``score`` takes images or an ``ImageSource`` (``NpzImages(path)``) and returns ``metric_name="fid"`` and
+    ``metric_value``, plus ``kid_mean``, ``kid_std``, ``isc_mean``, ``isc_std``, ``precision``, ``recall``,
+    ``f_score`` when requested. Precision/recall use the Inception pool features (ADM's convention), not
+    torch-fidelity's VGG16 default. Features are extracted here batch by batch (tqdm progress bar unless
+    ``progress=False``; 8 KB of features per image are kept, never the images) and scored with torch-fidelity's
+    metric functions. Reference features/statistics are cached in ``cache_dir`` as .npz under the reference's key
+    and the weights file's hash (``cache_dir=None``: no cache). ``feature_extractor`` other than Inception (a project
+    extractor registered with ``torch_fidelity.register_feature_extractor``; torch-fidelity's other built-ins unpickle
+    or download their weights and are refused) exists for tests and renames the metric to ``fd_<extractor>``.
+    """
+
+    def __init__(self, reference: Any, cache_dir: str | os.PathLike | None, inception_weights: str | None = None,
                  device: str | torch.device = "cpu", kid: bool = False, isc: bool = False, prc: bool = False,
                  batch_size: int = 64, kid_subset_size: int = 1000, seed: int = 2020, verbose: bool = False,
-                 feature_extractor: str = INCEPTION_EXTRACTOR, progress: bool = True):
-        self.reference = to_uint8_rgb(reference_images, "reference_images")
-        self.cache_dir = Path(cache_dir)
+                 feature_extractor: str = INCEPTION_EXTRACTOR, progress: bool = True, split: str | None = None):
+        self.statistics: ReferenceStatistics | None = None
+        self.reference: ImageSource | None
+        if split is not None and not _is_dataset(reference):
+            raise ValueError(f"split={split!r} applies to a Dataset reference only")
+        if isinstance(reference, ReferenceStatistics):
+            self.statistics, self.reference = reference, reference.images
+            if (kid or prc) and reference.images is None:
+                raise ValueError(f"KID and precision/recall need per-sample reference features, and "
+                                 f"{reference.path or 'the reference statistics'} holds only mu and sigma (no arr_0 "
+                                 f"images; ADM's reference batches carry 10,000): compute FID only, or use a "
+                                 f"reference with images")
+        elif isinstance(reference, ImageSource):
+            self.reference = reference
+        elif _is_dataset(reference):
+            self.reference = DatasetImages(reference, split)
+        else:
+            self.reference = TensorImages(reference, "reference_images")
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"InceptionMetric: device must be cpu or cuda, got {device}")
@@ -300,7 +640,7 @@ class InceptionMetric:
         if feature_extractor == INCEPTION_EXTRACTOR:
             self.weights_path: Path | None
             self.weights_path, self._weights_sha = _resolve_inception_weights(inception_weights)
-            weights_tag = self._weights_sha[:12]
+            self._weights_tag = self._weights_sha[:12]
             self.metric_name = "fid"
         else:
             from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -315,13 +655,27 @@ class InceptionMetric:
             if inception_weights is not None:
                 raise ValueError(f"inception_weights applies to {INCEPTION_EXTRACTOR} only, not {feature_extractor}")
             self.weights_path, self._weights_sha = None, ""
-            weights_tag = "none"
+            self._weights_tag = "none"
             self.metric_name = f"fd_{feature_extractor}"
-        # Cache files are named by this key plus the extractor name and feature layer.
-        self.reference_key = f"ref-{content_hash(self.reference)[:16]}-w{weights_tag}"
         self._extractor: nn.Module | None = None
         self._layers: dict[str, str] = {}
         self._ref: tuple[dict[str, torch.Tensor], dict[str, np.ndarray]] | None = None
+
+    @classmethod
+    def from_statistics(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                        **kwargs: Any) -> InceptionMetric:
+        """Against the statistics of an .npz (an ADM reference batch or ``python -m bench.fid ref``)."""
+        return cls(read_statistics(path), cache_dir, **kwargs)
+
+    @functools.cached_property
+    def reference_key(self) -> str:
+        """Cache files are named by this key (the reference's content or identity and the weights' hash) plus the
+        extractor name and feature layer."""
+        if self.reference is None:
+            source = f"stats-{content_hash(self.statistics.mu, self.statistics.sigma)[:16]}"
+        else:
+            source = self.reference.cache_key
+        return f"{source}-w{self._weights_tag}"
 
     def _key(self, tf_key: str) -> str:
         name = _TF_KEYS[tf_key]
@@ -353,78 +707,106 @@ class InceptionMetric:
         return self._extractor, self._layers
 
     @torch.no_grad()
-    def _extract(self, images: torch.Tensor, what: str) -> dict[str, torch.Tensor]:
-        """{layer: (N, D) CPU features} of uint8 RGB images, batch by batch."""
+    def _extract(self, source: ImageSource, what: str, keep: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """{layer: (N, D) CPU features} of a source, batch by batch, for the layers in ``keep`` (default all)."""
         from tqdm.auto import tqdm
 
         ext, _ = self._get_extractor()
-        chunks: dict[str, list[torch.Tensor]] = {}
-        with tqdm(total=len(images), desc=f"{self.metric_name}: {what} features", unit="img", leave=False,
+        n, pos = len(source), 0
+        out: dict[str, torch.Tensor] = {}
+        with tqdm(total=n, desc=f"{self.metric_name}: {what} features", unit="img", leave=False,
                   dynamic_ncols=True, disable=not self.progress) as bar:
-            for i in range(0, len(images), self.batch_size):
-                batch = images[i:i + self.batch_size].to(self.device)
-                for k, v in ext.convert_features_tuple_to_dict(ext(batch)).items():
-                    chunks.setdefault(k, []).append(v.detach().cpu())
-                bar.update(len(batch))
-        return {k: torch.cat(v) for k, v in chunks.items()}
+            for batch in source.batches(self.batch_size):
+                b = len(batch)
+                if pos + b > n:
+                    raise RuntimeError(f"{what} images: the source gave more than its {n} images")
+                for k, v in ext.convert_features_tuple_to_dict(ext(batch.to(self.device))).items():
+                    if keep is None or k in keep:
+                        if k not in out:
+                            out[k] = torch.empty((n, *v.shape[1:]), dtype=v.dtype)
+                        out[k][pos:pos + b] = v.detach().cpu()
+                pos += b
+                bar.update(b)
+        if pos != n:
+            raise RuntimeError(f"{what} images: the source gave {pos} images, not its {n}")
+        return out
 
-    def _cache_file(self, what: str) -> Path:
+    def _cache_file(self, what: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
         return self.cache_dir / f"{self.reference_key}-{self.feature_extractor}-{what}.npz"
 
+    def _write_cache(self, what: str, **arrays: np.ndarray) -> None:
+        path = self._cache_file(what)
+        if path is not None:
+            atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
     def _reference(self) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
-        """Reference features (layers KID / precision-recall use) and FID statistics: memory, .npz cache, or
-        extracted now and cached (atomic writes)."""
+        """Reference features (layers KID / precision-recall use) and FID statistics: given statistics, memory,
+        .npz cache, or extracted now and cached (atomic writes)."""
         from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
 
         if self._ref is not None:
             return self._ref
         _, layers = self._get_extractor()
-        n = len(self.reference)
-        stat_file = self._cache_file(f"stat-fid-{layers['fid']}")
-        stats = _read_npz(stat_file, {"mu": 1, "sigma": 2})
-        if stats is not None and stats["sigma"].shape != (stats["mu"].size,) * 2:
-            warnings.warn(f"ignoring cache file {stat_file} (inconsistent shapes); recomputing and replacing it")
-            stats = None
+        if self.statistics is not None:
+            stats: dict[str, np.ndarray] | None = {"mu": self.statistics.mu, "sigma": self.statistics.sigma}
+        else:
+            stat_file = self._cache_file(f"stat-fid-{layers['fid']}")
+            stats = _read_npz(stat_file, {"mu": 1, "sigma": 2})
+            if stats is not None and stats["sigma"].shape != (stats["mu"].size,) * 2:
+                warnings.warn(f"ignoring cache file {stat_file} (inconsistent shapes); recomputing and replacing it")
+                stats = None
+        n = len(self.reference) if self.reference is not None else 0
         feats: dict[str, np.ndarray | None] = {}
         for layer in sorted({layers[m] for m in ("kid", "prc") if m in layers}):
             f = _read_npz(self._cache_file(f"features-{layer}"), {"features": 2})
             feats[layer] = f["features"] if f is not None and len(f["features"]) == n else None
-        if stats is None or any(f is None for f in feats.values()):
-            extracted = self._extract(self.reference, "reference")
+        missing = {layer for layer, f in feats.items() if f is None}
+        if stats is None or missing:
+            keep = missing | ({layers["fid"]} if stats is None else set())
+            extracted = self._extract(self.reference, "reference", keep)
             if stats is None:
                 stats = fid_featuresdict_to_statistics(extracted, layers["fid"])
-                mu, sigma = stats["mu"], stats["sigma"]
-                atomic_write(stat_file, lambda fh: np.savez(fh, mu=mu, sigma=sigma))
-            for layer, f in feats.items():
-                if f is None:
-                    arr = feats[layer] = extracted[layer].numpy()
-                    atomic_write(self._cache_file(f"features-{layer}"), lambda fh: np.savez(fh, features=arr))
+                self._write_cache(f"stat-fid-{layers['fid']}", mu=stats["mu"], sigma=stats["sigma"])
+            for layer in missing:
+                feats[layer] = extracted[layer].numpy()
+                self._write_cache(f"features-{layer}", features=feats[layer])
         self._ref = ({k: torch.from_numpy(v) for k, v in feats.items()}, stats)
         return self._ref
 
+    def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) of the reference in the FID feature layer (given, cached, or extracted now)."""
+        stats = self._reference()[1]
+        return stats["mu"], stats["sigma"]
+
     def score(self, samples: Any, labels: Any = None) -> dict[str, Any]:
-        """Metrics of ``samples`` (N, C, H, W) uint8 or float in [-1, 1]; ``labels`` are unused (no classifier)."""
+        """Metrics of ``samples``: (N, C, H, W) uint8 or float in [-1, 1], or an ``ImageSource`` such as
+        ``NpzImages(path)``; ``labels`` are unused (no classifier)."""
         from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
         from torch_fidelity.metric_isc import isc_featuresdict_to_metric
         from torch_fidelity.metric_kid import kid_featuresdict_to_metric
         from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
-        x = to_uint8_rgb(samples, "samples")
-        if x.shape[1:] != self.reference.shape[1:]:
-            raise ValueError(f"samples {tuple(x.shape[1:])} and reference images {tuple(self.reference.shape[1:])} "
-                             f"differ in shape")
+        src = samples if isinstance(samples, ImageSource) else TensorImages(samples, "samples")
+        if self.statistics is None and src.image_shape != self.reference.image_shape:
+            raise ValueError(f"samples {src.image_shape} and reference images {self.reference.image_shape} differ in "
+                             f"shape")
         _, layers = self._get_extractor()
         ref_feats, ref_stats = self._reference()
-        feats = self._extract(x, "sample")
+        feats = self._extract(src, "sample")
+        n_ref = len(self.reference) if self.reference is not None else len(src)
         # torch-fidelity's conventions: input1 = samples, input2 = reference; its defaults for everything else.
         kwargs: dict[str, Any] = dict(cuda=self.device.type == "cuda", rng_seed=self.seed, save_cpu_ram=True,
-                                      kid_subset_size=min(self.kid_subset_size, len(x), len(self.reference)),
+                                      kid_subset_size=min(self.kid_subset_size, len(src), n_ref),
                                       verbose=self.verbose)
         stats = fid_featuresdict_to_statistics(feats, layers["fid"])
         ref_stats = {k: np.asarray(v, dtype=stats[k].dtype) for k, v in ref_stats.items()}
         if stats["mu"].shape != ref_stats["mu"].shape:
-            raise ValueError(f"{self._cache_file('stat-fid-' + layers['fid'])}: reference statistics of dimension "
-                             f"{ref_stats['mu'].shape[0]}, features have {stats['mu'].shape[0]}; delete the file")
+            where = (self.statistics.path if self.statistics is not None
+                     else self._cache_file(f"stat-fid-{layers['fid']}") or "the reference")
+            raise ValueError(f"{where}: reference statistics of dimension {ref_stats['mu'].shape[0]}, the "
+                             f"{self.feature_extractor} features have {stats['mu'].shape[0]}")
         raw = fid_statistics_to_metric(stats, ref_stats, self.verbose)
         if self.kid:
             raw.update(kid_featuresdict_to_metric(feats, ref_feats, layers["kid"], **kwargs))
@@ -434,7 +816,7 @@ class InceptionMetric:
             raw.update(prc_featuresdict_to_metric(feats, ref_feats, layers["prc"], **kwargs))
         out: dict[str, Any] = {self._key(k): float(v) for k, v in raw.items() if k in _TF_KEYS}
         out.update(metric_name=self.metric_name, metric_value=out[self.metric_name],
-                   classifier_accuracy=float("nan"), num_samples=len(x))
+                   classifier_accuracy=float("nan"), num_samples=len(src))
         return out
 
 

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import backbones
 from backbones.layers import count_parameters
+from bench.fid import evaluation_labels
 from bench.flops import CONVENTION, forward_gmacs
 from bench.results_csv import read_rows, upsert_row
 from diffusion.config import CONF_DIR, ConfigError, to_plain, validate, validate_backbone
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 ROW_KEY = "point_key"
 EVAL_KEYS = ("metric", "num_samples", "sampler", "steps", "cfg_scale", "seed", "clip_denoised", "batch_size",
              "inception_weights")
+# Evaluation keys added since: part of the point key only when they differ from these defaults (existing keys hold)
+EVAL_KEYS_IF_SET = {"labels": "balanced", "reference": "test"}
 
 
 class PointBusy(RuntimeError):
@@ -102,6 +105,7 @@ def point_keys(point: DictConfig, dataset: Dataset) -> dict[str, str]:
     prefix = rkey.rsplit("-", 1)[0]
     evaluation = {k: plain["eval"][k] for k in EVAL_KEYS}
     evaluation["clip_denoised"] = dataset.clip_denoised(evaluation["clip_denoised"])  # None resolved per data
+    evaluation.update({k: plain["eval"][k] for k, default in EVAL_KEYS_IF_SET.items() if plain["eval"][k] != default})
     steps = int(point.train.steps)
     recipe = {k: v for k, v in identity.items() if k != "backbone"}
     return {"run_key": rkey,
@@ -171,8 +175,10 @@ def run_point(point: DictConfig, keys: dict, scorer: Any, dataset: Dataset, worl
     model = build_from_checkpoint(ckpt, use_ema=True).to(device)
     arch = model.arch
     clip = dataset.clip_denoised(point.eval.clip_denoised)  # None: on for pixels, off for VAE latents
+    labels = evaluation_labels(point.eval.num_samples, model.num_classes, to_plain(point.eval)["labels"],
+                               point.eval.seed)  # the same on every rank
     if not world.is_main:  # every rank samples its share of the evaluation set; rank 0 scores it
-        sample_images(model, torch.arange(point.eval.num_samples) % model.num_classes,
+        sample_images(model, labels,
                       sampler=to_plain(point.eval)["sampler"], steps=point.eval.steps, cfg_scale=point.eval.cfg_scale,
                       seed=point.eval.seed, noise_schedule=to_plain(point.diffusion)["noise_schedule"],
                       diffusion_steps=point.diffusion.diffusion_steps, batch_size=point.eval.batch_size,
@@ -197,7 +203,6 @@ def run_point(point: DictConfig, keys: dict, scorer: Any, dataset: Dataset, worl
         "device": device_name(device), "torch_version": torch.__version__, "git_commit": git_commit(),
         "run_dir": str(run_dir),
     }
-    labels = torch.arange(point.eval.num_samples) % model.num_classes
     ts = time.time()
     samples = sample_images(model, labels, sampler=row["sampler"], steps=point.eval.steps,
                             cfg_scale=point.eval.cfg_scale, seed=point.eval.seed,
@@ -225,18 +230,27 @@ def scorer_class_names(scorer: Any, n: int) -> list[str] | None:
 
 
 def make_scorer(cfg: DictConfig) -> Any:
-    """The configured metric: the dataset classifier's Frechet distance (CPU scale) or Inception FID."""
+    """The configured metric: the dataset classifier's Frechet distance (CPU scale) or Inception FID against
+    ``eval.reference`` (the test or train split, streamed as a Dataset and cached under its identity, or a statistics
+    .npz such as ADM's ``VIRTUAL_imagenet256_labeled.npz``)."""
     from bench import metrics
 
     train_ds = load_from_config(cfg.dataset, "train")
-    test_ds = load_from_config(cfg.dataset, "test")
-    metric = to_plain(cfg.eval)["metric"]
-    if metric == "classifier":
+    evaluation = to_plain(cfg.eval)
+    if evaluation["metric"] == "classifier":
+        test_ds = load_from_config(cfg.dataset, "test")
         scorer = metrics.ClassifierMetric(cfg.dataset.name, train_ds.images, train_ds.labels, test_ds.images,
                                           test_ds.labels, cache_dir=cfg.cache_dir, progress=cfg.progress)
     else:
-        scorer = metrics.InceptionMetric(test_ds.images, cache_dir=cfg.cache_dir, progress=cfg.progress,
-                                         inception_weights=cfg.eval.inception_weights, device=cfg.device)
+        reference = evaluation["reference"]
+        if reference in ("train", "test"):
+            ref = train_ds if reference == "train" else load_from_config(cfg.dataset, "test")
+            split = reference
+        else:
+            ref, split = metrics.read_statistics(reference), None
+        scorer = metrics.InceptionMetric(ref, cache_dir=cfg.cache_dir, progress=cfg.progress, split=split,
+                                         inception_weights=evaluation["inception_weights"],
+                                         device=resolve_device(cfg.device))
     scorer.class_names = train_ds.class_names
     return scorer
 

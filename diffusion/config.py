@@ -57,6 +57,11 @@ class Metric(str, Enum):
     fid = "fid"
 
 
+class EvalLabels(str, Enum):
+    balanced = "balanced"   # label i = i mod num_classes: every class equally often (the sweep's default)
+    uniform = "uniform"     # independent uniform draws from a generator seeded by eval.seed (DiT's sample_ddp.py)
+
+
 @dataclass
 class DatasetConfig:
     name: str = MISSING             # a registered dataset: digits | fashion_mnist | cifar10 | celeba64 | imagenet | ...
@@ -65,6 +70,7 @@ class DatasetConfig:
     crop: Optional[str] = None      # crop protocol where a dataset has several (celeba64); None = its default
     download: bool = False          # fetch missing data with torchvision's downloader (cifar10; needs a network)
     random_flip: bool = False       # random horizontal flips (ADM / DiT), drawn per step from the run seed
+    unconditional: bool = False     # ignore the labels: one class (unconditional CIFAR-10, as Diffusion-RWKV/DDPM)
     workers: int = 0                # DataLoader worker processes (0 = load in the training process)
 
 
@@ -138,6 +144,8 @@ class EvalConfig:
     batch_size: int = 250
     metric: Metric = Metric.classifier  # classifier (CPU-scale Frechet distance + accuracy) | fid (Inception)
     inception_weights: Optional[str] = None
+    labels: EvalLabels = EvalLabels.balanced  # class labels of the evaluation samples (bench.fid: each paper's)
+    reference: str = "test"         # FID reference: test | train (that split of the dataset) | a statistics .npz
 
 
 @dataclass
@@ -322,6 +330,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         _check(e.steps >= 1, "eval.steps", e.steps, "an integer >= 1")
         _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
         check_cfg_scale(e.cfg_scale, "eval.cfg_scale")
+        if e.reference not in ("test", "train") and not e.reference.endswith(".npz"):
+            raise ConfigError(f"eval.reference={e.reference!r}: choose test or train (that split of the dataset) or an "
+                              f"FID statistics .npz (mu, sigma: an ADM reference batch or python -m bench.fid ref)")
+        if e.metric == Metric.classifier and e.reference != "test":
+            raise ConfigError(f"eval.reference={e.reference} applies to eval.metric=fid; the classifier metric "
+                              f"always compares with the test split")
     return cfg
 
 

@@ -342,7 +342,7 @@ register_dataset("digits", [str(i) for i in range(10)])(load_digits)
 register_dataset("fashion_mnist", FASHION_MNIST_CLASSES)(load_fashion_mnist)
 
 # dataset.* keys that are not loader options
-_COMMON_KEYS = ("name", "image_size", "root", "random_flip", "workers")
+_COMMON_KEYS = ("name", "image_size", "root", "random_flip", "workers", "unconditional")
 
 
 def class_names(name: str) -> list[str] | None:
@@ -380,7 +380,18 @@ def load_from_config(dataset_cfg: Any, split: str = "train") -> Dataset:
     """The dataset of a config's ``dataset`` group (a DictConfig or a dict) for ``split``."""
     d = dict(dataset_cfg.items()) if hasattr(dataset_cfg, "items") else dict(dataset_cfg)
     options = {k: (v.value if hasattr(v, "value") else v) for k, v in d.items() if k not in _COMMON_KEYS}
-    return load_dataset(d["name"], split, d.get("image_size"), d.get("root"), **options)
+    dataset = load_dataset(d["name"], split, d.get("image_size"), d.get("root"), **options)
+    return make_unconditional(dataset) if d.get("unconditional") else dataset
+
+
+def make_unconditional(dataset: Dataset) -> Dataset:
+    """The dataset with every label 0 of a single class (``dataset.unconditional=true``): the model still has a
+    two-row label table (the class and the CFG null class), so CFG scale 1 samples unconditionally. Part of the key."""
+    base_identity = dataset.identity()
+    dataset.labels = torch.zeros_like(dataset.labels)
+    dataset.num_classes, dataset.class_names = 1, ["(unconditional)"]
+    dataset.identity = lambda: {**base_identity, "unconditional": True}  # type: ignore[method-assign]
+    return dataset
 
 
 # Datasets defined in other modules register themselves on import (they subclass Dataset, defined above).

@@ -54,3 +54,51 @@ class DivergingDiT(DiT):
             if self.calls >= 3 and (only is None or os.environ.get("RANK") == only):
                 out = out * float("nan")
         return out
+
+
+TINY_EXTRACTOR = "tiny-test-extractor"
+
+
+def register_tiny_extractor() -> str:
+    """Register (once) and name a tiny stand-in feature extractor with torch-fidelity, for the metric tests that run
+    without Inception weights: 4x4 average-pooled pixels (48 features, every metric's layer "feat") and a fixed
+    linear projection of them as "logits" (the Inception Score's layer)."""
+    import torch
+    import torch_fidelity
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if TINY_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+        return TINY_EXTRACTOR
+
+    class Tiny(torch_fidelity.FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            self.proj = torch.nn.Linear(48, 10)
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.linspace(-1, 1, 480).reshape(10, 48))
+                self.proj.bias.zero_()
+
+        def forward(self, x):
+            assert x.dtype == torch.uint8 and x.shape[1] == 3
+            f = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+            out = {"feat": f, "logits": self.proj(f)}
+            return tuple(out[k] for k in self.features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return "feat", "logits"
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits"}.get(metric, "feat")
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    torch_fidelity.register_feature_extractor(TINY_EXTRACTOR, Tiny)
+    return TINY_EXTRACTOR

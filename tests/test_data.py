@@ -100,3 +100,24 @@ def test_count_mismatch_and_labels_out_of_range_are_errors(fake_fmnist):
     write_idx(labels, np.full(20, 10))
     with pytest.raises(DatasetError, match="labels under .* exceed 9"):
         load_dataset("fashion_mnist", "train", root=str(fake_fmnist))
+
+
+def test_unconditional_option_drops_labels_and_enters_the_key(tmp_path):
+    from helpers import TINY_DIT, train_config
+
+    from diffusion.trainer import train
+
+    base = {"name": "digits", "image_size": None, "root": None, "random_flip": False, "workers": 0}
+    from diffusion.data import load_from_config
+
+    ds = load_from_config({**base, "unconditional": True})
+    _, y = ds.fetch(torch.arange(50))
+    assert ds.num_classes == 1 and y.eq(0).all() and ds.identity() == {"unconditional": True}
+    assert load_from_config(base).identity() == {}
+    keys = []
+    for flag in ("false", "true"):
+        summary = train(train_config(tmp_path / flag, [*TINY_DIT, f"dataset.unconditional={flag}", "train.steps=1"]))
+        ckpt = torch.load(tmp_path / flag / "checkpoints" / "last.pt", weights_only=True)
+        keys.append(summary["key"])
+        assert ckpt["config"]["backbone_kwargs"]["num_classes"] == (1 if flag == "true" else 10)
+    assert keys[0] != keys[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import register_tiny_extractor
 from scipy import linalg
 
 from bench.metrics import (
@@ -117,60 +118,13 @@ def test_inception_weights_from_cache_and_validation(tmp_path, monkeypatch):
         resolve_inception_weights(bad)
 
 
-class _TinyExtractor:  # built lazily: torch_fidelity imports are not free
-    name = "tiny-test-extractor"
-
-    @classmethod
-    def register(cls) -> str:
-        import torch_fidelity
-        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-        if cls.name in FEATURE_EXTRACTORS_REGISTRY:
-            return cls.name
-
-        class Tiny(torch_fidelity.FeatureExtractorBase):
-            """4x4 average-pooled pixels (48 features) and a fixed projection as 'logits'."""
-
-            def __init__(self, name, features_list, **kwargs):
-                super().__init__(name, features_list)
-                self.proj = torch.nn.Linear(48, 10)
-                with torch.no_grad():
-                    self.proj.weight.copy_(torch.linspace(-1, 1, 480).reshape(10, 48))
-                    self.proj.bias.zero_()
-
-            def forward(self, x):
-                assert x.dtype == torch.uint8 and x.shape[1] == 3
-                f = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
-                out = {"feat": f, "logits": self.proj(f)}
-                return tuple(out[k] for k in self.features_list)
-
-            @staticmethod
-            def get_provided_features_list():
-                return "feat", "logits"
-
-            @staticmethod
-            def get_default_feature_layer_for_metric(metric):
-                return {"isc": "logits"}.get(metric, "feat")
-
-            @staticmethod
-            def can_be_compiled():
-                return False
-
-            @staticmethod
-            def get_dummy_input_for_compile():
-                return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
-        torch_fidelity.register_feature_extractor(cls.name, Tiny)
-        return cls.name
-
-
 def _images(n, seed, c=1, size=8):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, c, size, size, generator=g) * 2 - 1
 
 
 def test_torch_fidelity_plumbing_offline(tmp_path):
-    name = _TinyExtractor.register()
+    name = register_tiny_extractor()
     ref = _images(120, 0)
     m = InceptionMetric(ref, tmp_path / "cache", feature_extractor=name, kid=True, batch_size=50)
     assert m.metric_name == f"fd_{name}"  # never labelled "fid" without Inception
@@ -253,7 +207,7 @@ def test_scores_match_torch_fidelity_calculate_metrics(tmp_path):
     """Features extracted here + torch-fidelity's metric functions == its calculate_metrics (run without a cache)."""
     import torch_fidelity
 
-    name = _TinyExtractor.register()
+    name = register_tiny_extractor()
     ref, samples = _images(60, 0), (_images(50, 1) * 0.7).clamp(-1, 1)
     opts = dict(kid=True, isc=True, prc=True, batch_size=16, kid_subset_size=40, seed=7)
     ours = InceptionMetric(ref, tmp_path / "cache", feature_extractor=name, progress=False, **opts).score(samples)
@@ -268,7 +222,7 @@ def test_scores_match_torch_fidelity_calculate_metrics(tmp_path):
 
 
 def test_inception_metric_progress_and_extractor_guards(tmp_path, capsys):
-    name = _TinyExtractor.register()
+    name = register_tiny_extractor()
     ref = _images(20, 0)
     InceptionMetric(ref, tmp_path / "a", feature_extractor=name, progress=False).score(ref)
     assert capsys.readouterr() == ("", "")  # nothing on stdout or stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import register_tiny_extractor
 
 from bench import metrics
 from bench.metrics import (
@@ -157,49 +158,8 @@ def test_real_inception_extractor_never_gets_a_path(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reference feature / statistics caches (a tiny stand-in extractor: no Inception weights offline)
+# Reference feature / statistics caches (the tiny stand-in extractor of helpers: no Inception weights offline)
 # --------------------------------------------------------------------------------------------------------------
-
-_TINY = "tiny-unpickling-test"
-
-
-def _register_tiny() -> str:
-    import torch_fidelity
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    if _TINY in FEATURE_EXTRACTORS_REGISTRY:
-        return _TINY
-
-    class Tiny(torch_fidelity.FeatureExtractorBase):
-        """2x2 average-pooled pixels (12 features) and their first 10 as 'logits'."""
-
-        def __init__(self, name, features_list, **kwargs):
-            super().__init__(name, features_list)
-
-        def forward(self, x):
-            f = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 2).flatten(1)
-            out = {"feat": f, "logits": f[:, :10]}
-            return tuple(out[k] for k in self.features_list)
-
-        @staticmethod
-        def get_provided_features_list():
-            return "feat", "logits"
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return {"isc": "logits"}.get(metric, "feat")
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
-
-    torch_fidelity.register_feature_extractor(_TINY, Tiny)
-    return _TINY
-
 
 def _cache_names(reference_key: str, extractor: str) -> list[str]:
     """Every reference cache file name: ours (.npz) and torch-fidelity's (.pt) for every feature layer."""
@@ -212,7 +172,7 @@ def _cache_names(reference_key: str, extractor: str) -> list[str]:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_planted_reference_caches_ignored(tmp_path, monkeypatch, kind):
-    name = _register_tiny()
+    name = register_tiny_extractor()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # torch-fidelity's default cache_root is here
     sentinel = tmp_path / "sentinel"
     g = torch.Generator().manual_seed(0)
