@@ -149,6 +149,13 @@ def load_official_checkpoint(model: nn.Module, path: str | os.PathLike | Mapping
             raise RuntimeError(f"converting checkpoint {name} turned {len(state)} tensors into {len(converted)}: the "
                                f"key mapping must be one-to-one (no tensor dropped or merged)")
         state = converted
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise RuntimeError(f"checkpoint {name} does not match {type(model).__name__}: {len(wrong)} tensor shape(s) "
+                           f"differ, e.g. {'; '.join(wrong[:3])}; build the model with the config the checkpoint was "
+                           f"trained with (size, patch_size, input_size, num_classes)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {name} does not match {type(model).__name__}: missing keys "

@@ -85,6 +85,7 @@ def make_fid_scorer(reference: str, inception_weights: str | None, device: torch
 
 def evaluate(args: argparse.Namespace, scorer: Any | None = None) -> dict:
     """Build, sample, score and record; ``scorer`` (tests) replaces the Inception FID of ``--reference``."""
+    from bench.fid import evaluation_labels
     from bench.flops import CONVENTION, forward_gmacs
     from bench.results_csv import upsert_row
     from bench.schema import RUN_COLUMNS
@@ -105,8 +106,7 @@ def evaluate(args: argparse.Namespace, scorer: Any | None = None) -> dict:
         scorer = make_fid_scorer(args.reference, args.inception_weights, device, not args.no_progress)
     if model.num_classes == 0 and args.cfg_scale > 1:
         raise ConfigError(f"--cfg-scale {args.cfg_scale}: the checkpoint is unconditional (no classes); use 1")
-    labels = torch.randint(0, max(model.num_classes, 1), (args.num_samples,),
-                           generator=torch.Generator().manual_seed(args.seed))  # uniformly random (DiT)
+    labels = evaluation_labels(args.num_samples, max(model.num_classes, 1), "uniform", args.seed)  # DiT's protocol
     ts = time.time()
     samples = sample_images(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                             seed=args.seed, batch_size=args.batch_size, device=device,
