@@ -137,3 +137,19 @@ def fake_official_dit(path: str | Path, seed: int = 0, **kwargs) -> Path:
     path = Path(path)
     torch.save(model.state_dict(), path)
     return path
+
+
+def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """torch-fidelity's Inception (inception-v3-compat) with random weights, saved as a state_dict: the real FID
+    code path offline (values are plumbing only, not comparable with published FIDs)."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None), \
+            mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None):
+        torch.manual_seed(seed)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = Path(path)
+    torch.save(net.state_dict(), path)
+    return path

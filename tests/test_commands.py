@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ["diffusion.train", "diffusion.sample", "bench.sweep", "bench.demo", "bench.plots", "bench.tokens"]
+ENTRY_POINTS = ["diffusion.train", "diffusion.sample", "diffusion.extract_latents", "bench.sweep", "bench.demo",
+                "bench.plots", "bench.tokens", "bench.fid", "bench.official"]
 
 TINY_TRAIN = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "sample.per_class=1", "sample.steps=2",
               "progress=false", "threads=2"]
@@ -46,10 +47,15 @@ def docstring_commands() -> list[str]:
         doc = path.read_text().split('"""')
         if len(doc) < 2:
             continue
-        for line in doc[1].splitlines():
+        lines = doc[1].splitlines()
+        for i, line in enumerate(lines):
             line = line.split("  #")[0].strip()
-            if line.startswith("python -m"):
-                commands.append(line)
+            if not line.startswith("python -m"):
+                continue
+            while line.endswith("\\") and i + 1 < len(lines):  # a continued command (`\\` in the source)
+                i += 1
+                line = line.rstrip("\\").strip() + " " + lines[i].split("  #")[0].strip()
+            commands.append(line)
     return commands
 
 
@@ -64,7 +70,30 @@ def fake_fashion_mnist(root: Path, n: int = 64) -> None:
             f.write(struct.pack(">II", 2049, count) + labels.tobytes())
 
 
-def tiny(command: str, fmnist: Path, scratch: Path) -> list[str]:
+def replace_values(args: list[str], values: dict[str, str]) -> list[str]:
+    """``key=value`` overrides and ``--flag value`` options of ``args`` with the values of ``values`` (keys as
+    written: ``dataset.root`` or ``--checkpoint``); keys not present are appended."""
+    out, seen, i = [], set(), 0
+    while i < len(args):
+        a = args[i]
+        key = a.split("=", 1)[0]
+        if key in values and "=" in a and not a.startswith("-"):
+            out.append(f"{key}={values[key]}")
+            seen.add(key)
+        elif a in values and a.startswith("--"):
+            out += [a, values[a]]
+            seen.add(a)
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    for key, value in values.items():
+        if key not in seen:
+            out += [key, value] if key.startswith("--") else [f"{key}={value}"]
+    return out
+
+
+def tiny(command: str, fmnist: Path, scratch: Path, user: dict | None = None) -> list[str]:
     args = shlex.split(command)
     if args[0].startswith(".venv/"):
         args[0] = sys.executable
@@ -75,6 +104,7 @@ def tiny(command: str, fmnist: Path, scratch: Path) -> list[str]:
     extra: list[str] = []
     if module == "diffusion.train":
         extra = list(TINY_TRAIN)
+        args = [a if a != "backbone.size=XL" else "backbone.size=cpu" for a in args]  # paper size -> CPU preset
         if any(a.startswith("resume=") for a in args):
             extra = [e for e in extra if not e.startswith("train.steps")] + ["train.steps=3"]
     elif module in ("bench.sweep", "bench.demo"):
@@ -83,6 +113,16 @@ def tiny(command: str, fmnist: Path, scratch: Path) -> list[str]:
             extra.append("dataset=digits")  # the metric classifier trains in seconds on digits
     elif module == "diffusion.sample":
         extra = ["--steps", "2", "--per-class", "1"]
+    elif module == "diffusion.extract_latents":  # the user's ImageNet and VAE -> small stand-ins in their formats
+        args = replace_values(args, {"dataset.root": str(user["imagenet"]), "vae": str(user["vae"]),
+                                     "dataset.image_size": "16", "progress": "false", "device": "cpu"})
+    elif module == "bench.official":  # the 675M-parameter release -> a DiT "cpu" file in its layout; random Inception
+        args = replace_values(args, {"--size": "cpu", "--checkpoint": str(user["dit"]), "--vae": str(user["vae"]),
+                                     "--reference": str(user["ref"]), "--image-size": "16", "--num-classes": "2",
+                                     "--num-samples": "4", "--steps": "2", "--device": "cpu",
+                                     "--inception-weights": str(user["inception"]),
+                                     "--results-dir": str(scratch / "results")})
+        extra = ["--no-progress"]
     elif module == "bench.tokens":
         extra = ["--tokens", "16", "--repeats", "1", "--out", str(scratch / "tokens"),
                  "--plots-out", str(scratch / "plots")]
@@ -102,18 +142,32 @@ def scratch(tmp_path_factory):
     return root, fmnist
 
 
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """Stand-ins, in the real formats, for what the README's GPU-scale commands read from the user's disk."""
+    from fakedata import fake_imagenet, fake_official_dit, random_inception_weights, tiny_vae
+
+    from bench.metrics import write_statistics
+
+    base = tmp_path_factory.mktemp("user")
+    return {"imagenet": fake_imagenet(base / "imagenet" / "train"), "vae": tiny_vae(base / "vae"),
+            "dit": fake_official_dit(base / "DiT-cpu.pt", size="cpu", input_size=8, num_classes=2),
+            "inception": random_inception_weights(base / "inception.pth"),
+            "ref": write_statistics(base / "ref.npz", np.zeros(2048), np.eye(2048))}
+
+
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), HYDRA_FULL_ERROR="1")
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_readme_and_docstring_commands_run_as_written(scratch):
+def test_readme_and_docstring_commands_run_as_written(scratch, user_files):
     root, fmnist = scratch
     commands = readme_commands()
     assert any("diffusion.train" in c for c in commands) and any("bench.sweep" in c for c in commands)
     failures = []
     for command in commands + docstring_commands():
-        args = tiny(command, fmnist, root)
+        args = tiny(command, fmnist, root, user_files)
         proc = run(args, root)
         if proc.returncode != 0:
             failures.append(f"{command}\n  -> {' '.join(args)}\n  exit {proc.returncode}: {proc.stderr[-1500:]}")

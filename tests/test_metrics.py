@@ -238,15 +238,9 @@ def test_inception_metric_progress_and_extractor_guards(tmp_path, capsys):
 @pytest.mark.slow
 def test_random_init_inception_through_torch_fidelity(tmp_path, monkeypatch):
     """The real inception-v3-compat path with a random-init weights file the test creates (plumbing only)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from fakedata import random_inception_weights
 
-    with monkeypatch.context() as mp:
-        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    weights = tmp_path / "rand_inception.pth"
-    torch.save(net.state_dict(), weights)
+    weights = random_inception_weights(tmp_path / "rand_inception.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
     ref = _images(12, 0)
     m = InceptionMetric(ref, tmp_path / "cache", inception_weights=str(weights), batch_size=12)
