@@ -238,9 +238,11 @@ def make_scorer(cfg: DictConfig) -> Any:
     train_ds = load_from_config(cfg.dataset, "train")
     evaluation = to_plain(cfg.eval)
     if evaluation["metric"] == "classifier":
+        train_x = _all_images(train_ds)
         test_ds = load_from_config(cfg.dataset, "test")
-        scorer = metrics.ClassifierMetric(cfg.dataset.name, train_ds.images, train_ds.labels, test_ds.images,
-                                          test_ds.labels, cache_dir=cfg.cache_dir, progress=cfg.progress)
+        test_x = _all_images(test_ds)
+        scorer = metrics.ClassifierMetric(cfg.dataset.name, train_x, train_ds.labels, test_x, test_ds.labels,
+                                          cache_dir=cfg.cache_dir, progress=cfg.progress)
     else:
         reference = evaluation["reference"]
         if reference in ("train", "test"):
@@ -253,6 +255,17 @@ def make_scorer(cfg: DictConfig) -> Any:
                                          device=resolve_device(cfg.device))
     scorer.class_names = train_ds.class_names
     return scorer
+
+
+def _all_images(dataset: Dataset) -> torch.Tensor:
+    """Every image of a pixel dataset as one float tensor (the classifier metric trains on them in memory)."""
+    if not dataset.pixel_space:
+        raise ConfigError(f"eval.metric=classifier needs pixel images and dataset={dataset.name} holds VAE latents: "
+                          f"use eval.metric=fid eval.reference=<statistics .npz of the source images>")
+    if hasattr(dataset, "images"):
+        return dataset.images
+    return torch.cat([dataset.fetch(torch.arange(i, min(i + 1024, len(dataset))))[0]
+                      for i in range(0, len(dataset), 1024)])
 
 
 def _failed_row(point: DictConfig, name: str, keys: dict, err: BaseException) -> dict:
