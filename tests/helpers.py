@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 import backbones
@@ -102,3 +103,32 @@ def register_tiny_extractor() -> str:
 
     torch_fidelity.register_feature_extractor(TINY_EXTRACTOR, Tiny)
     return TINY_EXTRACTOR
+
+
+def make_inputs(T: int, B: int, C: int, kind: str = "normal", seed: int = 0, dtype=None):
+    """Bi-WKV inputs: w, u as in the model (spatial_decay / T with spatial_decay in [-5, 3], spatial_first / T); k, v
+    standard normal. kind="large_k": per-channel key offsets in [-100, 100] plus 2% spikes of +30 (e^k overflows
+    fp32 naively). ``dtype`` None keeps float32."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(C, generator=g) * 8 - 5) / T
+    u = (torch.randn(C, generator=g) - 1.2) / T
+    k = torch.randn(B, T, C, generator=g)
+    v = torch.randn(B, T, C, generator=g)
+    if kind == "large_k":
+        k = 2 * k + (torch.rand(C, generator=g) * 200 - 100) + 30 * (torch.rand(B, T, C, generator=g) < 0.02)
+    return tuple(x.to(dtype) for x in (w, u, k, v)) if dtype is not None else (w, u, k, v)
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """A map-style dataset of uint8 (3, H, W) tensors: torch-fidelity's ``input1``/``input2`` form."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_inputs
 
 from backbones.kernels import bi_wkv, bi_wkv_reference, bi_wkv_torch, resolve_impl
 from backbones.kernels.wkv_torch import default_chunk
@@ -24,17 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 
 
-def make_inputs(T: int, B: int, C: int, kind: str = "normal", seed: int = 0):
-    """w, u as in the model (spatial_decay / T in [-5, 3] / T, spatial_first / T); k, v standard normal.
-    kind="large_k": per-channel offsets uniform in [-100, 100] (e^k overflows fp32 naively) plus 2% spikes of +30."""
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.rand(C, generator=g) * 8 - 5) / T
-    u = (torch.randn(C, generator=g) - 1.2) / T
-    k = torch.randn(B, T, C, generator=g)
-    v = torch.randn(B, T, C, generator=g)
-    if kind == "large_k":
-        k = 2 * k + (torch.rand(C, generator=g) * 200 - 100) + 30 * (torch.rand(B, T, C, generator=g) < 0.02)
-    return w, u, k, v
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_inputs as _make_inputs
 
 import backbones.rwkv as rwkv_module
 from backbones import build
@@ -25,17 +26,10 @@ from bench.flops import gmacs_by_operator
 FAST_T = [1, 5, 16, 32, 33, 64, 100, 256]
 
 
+
+
 def make_inputs(T: int, B: int, C: int, kind: str = "normal", seed: int = 0, dtype=torch.float64):
-    """w, u as in the model (spatial_decay / T with spatial_decay in [-5, 3], spatial_first / T); k, v standard
-    normal. kind="large_k": per-channel key offsets in [-100, 100] plus 2% spikes of +30 (e^k overflows fp32)."""
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.rand(C, generator=g) * 8 - 5) / T
-    u = (torch.randn(C, generator=g) - 1.2) / T
-    k = torch.randn(B, T, C, generator=g)
-    v = torch.randn(B, T, C, generator=g)
-    if kind == "large_k":
-        k = 2 * k + (torch.rand(C, generator=g) * 200 - 100) + 30 * (torch.rand(B, T, C, generator=g) < 0.02)
-    return [x.to(dtype) for x in (w, u, k, v)]
+    return _make_inputs(T, B, C, kind, seed, dtype)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:

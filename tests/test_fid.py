@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import register_tiny_extractor
+from helpers import UInt8Images, register_tiny_extractor
 from test_commands import fake_fashion_mnist
 
 from bench import fid, metrics, sweep
@@ -47,15 +47,6 @@ def _tiny(**kw):
     return dict(feature_extractor=register_tiny_extractor(), device="cpu", progress=False, **kw)
 
 
-class _UInt8Dataset(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -73,7 +64,7 @@ def test_npz_batches_fid_equals_torch_fidelity(tmp_path, capsys):
     save_npz(b, torch.zeros(60, dtype=torch.long), tmp_path / "ref.npz")
     ours = fid.score_npz(tmp_path / "samples.npz", tmp_path / "ref.npz", batch_size=16, **_tiny())
     theirs = torch_fidelity.calculate_metrics(
-        input1=_UInt8Dataset(to_uint8_rgb(a)), input2=_UInt8Dataset(to_uint8_rgb(b)), fid=True, cuda=False,
+        input1=UInt8Images(to_uint8_rgb(a)), input2=UInt8Images(to_uint8_rgb(b)), fid=True, cuda=False,
         cache=False, feature_extractor=name, batch_size=16, save_cpu_ram=True, verbose=False)
     assert theirs["frechet_inception_distance"] > 0.01
     assert ours["metric_value"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import register_tiny_extractor
+from helpers import UInt8Images, register_tiny_extractor
 from scipy import linalg
 
 from bench.metrics import (
@@ -192,15 +192,6 @@ def test_image_conversion_errors():
     assert x.shape == (1, 3, 1, 3) and x[0, :, 0].tolist() == [[0, 128, 255]] * 3
 
 
-class _UInt8Dataset(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
 
 
 def test_scores_match_torch_fidelity_calculate_metrics(tmp_path):
@@ -212,7 +203,7 @@ def test_scores_match_torch_fidelity_calculate_metrics(tmp_path):
     opts = dict(kid=True, isc=True, prc=True, batch_size=16, kid_subset_size=40, seed=7)
     ours = InceptionMetric(ref, tmp_path / "cache", feature_extractor=name, progress=False, **opts).score(samples)
     theirs = torch_fidelity.calculate_metrics(
-        input1=_UInt8Dataset(to_uint8_rgb(samples)), input2=_UInt8Dataset(to_uint8_rgb(ref)), cache=False,
+        input1=UInt8Images(to_uint8_rgb(samples)), input2=UInt8Images(to_uint8_rgb(ref)), cache=False,
         cuda=False, fid=True, kid=True, isc=True, prc=True, feature_extractor=name, batch_size=16,
         kid_subset_size=40, rng_seed=7, save_cpu_ram=True, verbose=False)
     assert ours[f"fd_{name}"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-9)
