@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install test test-slow demo fashion-mnist scaling-plots tokens lint clean
+.PHONY: install test test-slow demo fashion-mnist browser scaling-plots tokens lint clean
 
 install: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 test-slow: install
@@ -26,6 +26,20 @@ fashion-mnist:
 	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
 	elif command -v sudo >/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; \
 	else echo "Fashion-MNIST not found: install Debian's dataset-fashion-mnist or pass dataset.root=DIR"; fi
+
+# Headless Chromium and its driver for the HTML report's browser test (tests/test_report.py skips it without them);
+# installed when we can (root or sudo without a password); never fails: the rest of the suite runs without it.
+BROWSER_PKGS := chromium chromium-driver
+BROWSER_MISS := echo "browser: could not install $(BROWSER_PKGS); the browser test of tests/test_report.py is skipped"
+browser:
+	-@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "browser: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q $(BROWSER_PKGS) || (apt-get update -q && apt-get install -y -q $(BROWSER_PKGS))) \
+	    >/dev/null 2>&1 || $(BROWSER_MISS); \
+	elif command -v apt-get >/dev/null && command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo -n apt-get install -y -q $(BROWSER_PKGS) >/dev/null 2>&1 || $(BROWSER_MISS); \
+	else $(BROWSER_MISS); fi
 
 demo: install fashion-mnist
 	$(PY) -m bench.demo

@@ -22,7 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["diffusion.train", "diffusion.sample", "diffusion.extract_latents", "bench.sweep", "bench.demo",
-                "bench.plots", "bench.tokens", "bench.fid", "bench.official"]
+                "bench.plots", "bench.tokens", "bench.fid", "bench.official", "bench.report"]
 
 TINY_TRAIN = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "sample.per_class=1", "sample.steps=2",
               "progress=false", "threads=2"]
