@@ -22,7 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["diffusion.train", "diffusion.sample", "diffusion.extract_latents", "bench.sweep", "bench.demo",
-                "bench.plots", "bench.tokens", "bench.fid", "bench.official", "bench.report"]
+                "bench.plots", "bench.tokens", "bench.fid", "bench.official", "bench.report",
+                "bench.stitch"]
 
 TINY_TRAIN = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "sample.per_class=1", "sample.steps=2",
               "progress=false", "threads=2"]
@@ -123,6 +124,9 @@ def tiny(command: str, fmnist: Path, scratch: Path, user: dict | None = None) ->
                                      "--inception-weights": str(user["inception"]),
                                      "--results-dir": str(scratch / "results")})
         extra = ["--no-progress"]
+    elif module == "bench.stitch":
+        extra = ["eval.num_samples=20", "eval.steps=2", "progress=false", "threads=2",
+                 f"results_dir={scratch / 'results'}", f"cache_dir={scratch / 'cache'}"]
     elif module == "bench.tokens":
         extra = ["--tokens", "16", "--repeats", "1", "--out", str(scratch / "tokens"),
                  "--plots-out", str(scratch / "plots")]
