@@ -2,12 +2,24 @@
 
 For every ``results/<dataset>/runs.csv`` (rows with status ``ok``), per training recipe (the ``recipe_key``
 column, or dataset, image size, steps, batch, lr and the sampling protocol) and metric: the metric against forward
-GMACs, training compute, parameters (log-log, one marker series per backbone, points labelled by preset and patch,
-a least-squares power law per backbone with >= 3 distinct x values, its exponent in the legend) and against
-training throughput. One figure per recipe, so no figure or fit mixes two budgets; a figure whose x is constant or a
-constant multiple of an x already drawn (training compute at one fixed steps x batch) is skipped with a note. From
-``results/tokens/<device>.csv`` (bench.tokens), when present: time and peak memory of each token mixer against the
-number of tokens. PNG and SVG under ``results/plots/`` (or ``--out``), plus ``fits.csv`` with every fitted exponent.
+GMACs (per-GMAC view), training compute (equal-training-compute view; both views are drawn for every recipe),
+parameters (log-log, one marker series per backbone, points labelled by preset and patch, a least-squares power law
+per backbone with >= 3 distinct x values, its exponent and confidence interval in the legend) and against training
+throughput. One figure per recipe, so no figure or fit mixes two budgets; a figure whose x is constant, or (beyond
+the two views) a constant multiple of an x already drawn, is skipped with a note.
+
+**Seeds.** Rows of one point that differ only in the run seed (same recipe, backbone and architecture columns) are
+one marker at their mean metric with an error bar: the min-max of 2 seeds, or a bootstrap 90% interval of the mean
+(2000 resamples, seeded) for 3 or more; the legend says which. A single-seed point is a bare marker.
+
+**Fits** (``fits.csv``): per recipe, metric, x and backbone, the exponent k of metric = c * x^k fitted by least
+squares on log-log over every row (seeds as replicate observations), with its standard error and the 90%
+Student-t interval (``points`` - 2 degrees of freedom): ``ci_method`` = ``ols_t``. ``distinct_x`` and ``seeds``
+count the distinct x values and run seeds. A backbone with fewer than 3 distinct x values (or x spanning less than
+1.2x) gets no line and a row with empty exponent and interval and its ``reason``.
+
+From ``results/tokens/<device>.csv`` (bench.tokens), when present: time and peak memory of each token mixer against
+the number of tokens. PNG and SVG under ``results/plots/`` (or ``--out``), plus ``fits.csv``.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
@@ -66,6 +79,16 @@ MARKERS = "osD^vP*Xh<>"
 MIN_FIT_X = 3  # distinct x values a backbone needs for a fitted power law (two points always fit exactly)
 MIN_FIT_SPAN = 1.2  # a power law needs x to span at least this factor (near-equal x gives a meaningless slope)
 SAME_RATIO_RTOL = 1e-6  # x / other x constant to this relative tolerance: the figure repeats the other one
+BOTH_VIEWS = ("gmacs", "train_compute_gmacs")  # per-GMAC and equal-training-compute views: drawn for every recipe
+CI_LEVEL = 0.9  # of the seed intervals (bootstrap) and of the fitted exponents (Student t)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+FIT_CI_METHOD = "ols_t"  # least squares on log-log over every row; Student-t interval of the slope, points - 2 dof
+# Columns that, with the recipe and the backbone, identify a point: rows equal in them differ only in the seed.
+POINT_COLUMNS = ("size", "patch", "depth", "width", "params", "gmacs")
+FIT_COLUMNS = ["dataset", "image_size", "recipe", "device", "metric_name", "x", "backbone", "exponent", "coefficient",
+               "points", "exponent_se", "exponent_ci_low", "exponent_ci_high", "ci_level", "ci_method", "distinct_x",
+               "seeds", "reason"]
 
 plt.rcParams["svg.hashsalt"] = "bench.plots"  # stable SVG ids: re-running gives byte-identical files to commit
 
@@ -124,6 +147,76 @@ def fit_power_law(x: Any, y: Any) -> tuple[float, float] | None:
         return None
     k, logc = np.polyfit(lx, ly, 1)
     return float(k), float(np.exp(logc))
+
+
+def fit_power_law_ci(x: Any, y: Any, level: float = CI_LEVEL) -> dict[str, float] | None:
+    """:func:`fit_power_law` with the uncertainty of the exponent: {exponent, coefficient, exponent_se,
+    exponent_ci_low, exponent_ci_high}, the interval the Student-t one of the least-squares slope of log y on log x
+    (n - 2 degrees of freedom; none, NaN, for n = 2). None when x spans less than MIN_FIT_SPAN."""
+    from scipy import stats
+
+    fitted = fit_power_law(x, y)
+    if fitted is None:
+        return None
+    k, c = fitted
+    lx, ly = np.log(np.asarray(x, np.float64)), np.log(np.asarray(y, np.float64))
+    n = len(lx)
+    se = lo = hi = math.nan
+    if n > 2:
+        resid = ly - (k * lx + math.log(c))
+        se = math.sqrt(float(resid @ resid) / (n - 2) / float(((lx - lx.mean()) ** 2).sum()))
+        half = float(stats.t.ppf(0.5 + level / 2, n - 2)) * se
+        lo, hi = k - half, k + half
+    return dict(exponent=k, coefficient=c, exponent_se=se, exponent_ci_low=lo, exponent_ci_high=hi)
+
+
+def bootstrap_mean_interval(values: Any, level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (seeded: the same values give the same interval)."""
+    v = np.asarray(values, np.float64)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def seed_spread(values: Any) -> tuple[float, float, float, str]:
+    """(mean, low, high, kind) of one point's metric over its seeds: kind "single" (low = high = the value),
+    "min-max" for 2 seeds, "bootstrap" (90% interval of the mean) for 3 or more."""
+    v = np.asarray(values, np.float64)
+    mean = float(v.mean())
+    if len(v) == 1:
+        return mean, mean, mean, "single"
+    if len(v) == 2:
+        return mean, float(v.min()), float(v.max()), "min-max"
+    lo, hi = bootstrap_mean_interval(v)
+    return mean, lo, hi, "bootstrap"
+
+
+SPREAD_TEXT = {"min-max": "min-max of 2 seeds", "bootstrap": f"bootstrap {CI_LEVEL:.0%} CI of the mean (>= 3 seeds)"}
+
+
+def aggregate_seeds(g: pd.DataFrame, x_col: str) -> pd.DataFrame:
+    """One row per point of one backbone's rows: the points' columns (from the first seed's row) with x the mean x
+    (throughput varies between seeds), metric_value the mean metric, lo / hi / spread from :func:`seed_spread` and
+    n_seeds. Rows equal in POINT_COLUMNS and in the seed (distinct points the CSV columns cannot tell apart, e.g.
+    two head counts) stay separate points (the k-th row of each seed forms the k-th point)."""
+    keys = [c for c in POINT_COLUMNS if c in g]
+    seed = g["seed"] if "seed" in g else pd.Series(0, index=g.index)
+    g = g.assign(_seed=seed.fillna(-1), _rep=0)
+    g["_rep"] = g.groupby(keys + ["_seed"], dropna=False, sort=False).cumcount()
+    if (g["_rep"] > 0).any():
+        print(f"bench.plots: {g['backbone'].iloc[0]}: rows equal in {', '.join(keys)} and the seed are distinct "
+              f"points (e.g. head counts): plotted separately", file=sys.stderr)
+    out = []
+    for _, p in g.groupby(keys + ["_rep"], dropna=False, sort=False):
+        mean, lo, hi, kind = seed_spread(p["metric_value"])
+        first = p.iloc[0].copy()
+        first[x_col] = float(p[x_col].mean())
+        first["metric_value"], first["lo"], first["hi"], first["spread"] = mean, lo, hi, kind
+        first["n_seeds"] = len(p)
+        out.append(first)
+    return pd.DataFrame(out).drop(columns=["_seed", "_rep"]).sort_values(x_col)
 
 
 def _fmt_num(v: Any) -> str:
@@ -214,11 +307,12 @@ def _candidate_offsets(gap: float = 5.0, step: float = 9.0, rings: int = 6) -> l
 
 
 def place_labels(ax: plt.Axes, xs: Any, ys: Any, texts: list[str], colors: list[Any], fontsize: float = 7,
-                 marker_pt: float = 3.5) -> list[Any]:
-    """Annotate each point with its text so that no two labels overlap, nor a label and a marker, nor a label and
-    the axes border, where the candidate offsets allow it. Deterministic greedy repel in display space: points in
-    order of position, each label takes the first free offset of ``_candidate_offsets`` (the least overlapping one
-    when none is free); far offsets get a thin leader line. Call after the scales and limits are final."""
+                 marker_pt: float = 3.5, bars: list[tuple[float, float, float]] = ()) -> list[Any]:
+    """Annotate each point with its text so that no two labels overlap, nor a label and a marker (or an error bar,
+    ``bars``: (x, low, high) in data coordinates), nor a label and the axes border, where the candidate offsets allow
+    it. Deterministic greedy repel in display space: points in order of position, each label takes the first free
+    offset of ``_candidate_offsets`` (the least overlapping one when none is free); far offsets get a thin leader
+    line. Call after the scales and limits are final."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     ax.autoscale_view()
@@ -226,6 +320,9 @@ def place_labels(ax: plt.Axes, xs: Any, ys: Any, texts: list[str], colors: list[
     pts = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
     r = marker_pt * to_px
     markers = [Bbox([[x - r, y - r], [x + r, y + r]]) for x, y in pts]
+    for bx, lo, hi in bars:  # a bar is an obstacle as wide as its caps
+        (x0, y0), (_, y1) = ax.transData.transform([[bx, lo], [bx, hi]])
+        markers.append(Bbox([[x0 - r, min(y0, y1)], [x0 + r, max(y0, y1)]]))
     frame = ax.get_window_extent(renderer)
     placed: list[Bbox] = []
     anns: list[Any] = [None] * len(texts)
@@ -307,7 +404,7 @@ def load_runs(csv_path: Path) -> pd.DataFrame:
         raise PlotError(f"{csv_path} lacks the columns {missing} (expected the bench/schema.py RUN_COLUMNS: "
                         f"{', '.join(RUN_COLUMNS)})")
     df = df[df["status"].astype(str).str.strip() == "ok"].copy()
-    for c in ["metric_value", "train_steps", "batch", "image_size", "patch", "depth", "width"] + \
+    for c in ["metric_value", "train_steps", "batch", "image_size", "patch", "depth", "width", "seed"] + \
              [c for c, _ in X_AXES]:
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce")
@@ -316,8 +413,10 @@ def load_runs(csv_path: Path) -> pd.DataFrame:
 
 def plot_scaling(df: pd.DataFrame, x_col: str, fit: bool, title: str, out_dir: Path, stem: str,
                  colors: dict[str, Any]) -> dict[str, Any]:
-    """One metric-vs-x figure (log-log) of one recipe: a marker series per backbone, a power law per backbone with
-    >= MIN_FIT_X distinct x when ``fit``. Returns {"paths", "fits", "fitted" (backbones), "label_overlaps"}."""
+    """One metric-vs-x figure (log-log) of one recipe: a marker series per backbone (the seeds of a point
+    aggregated: the mean, an error bar for their spread), a power law per backbone with >= MIN_FIT_X distinct x when
+    ``fit``. Returns {"paths", "fits" (fitted: with their intervals), "unfitted" (no line: the reason), "fitted"
+    (backbones), "spread" (one entry per aggregated point), "label_overlaps"}."""
     metric = df["metric_name"].iloc[0]
     d = df[(df[x_col] > 0) & (df["metric_value"] > 0)]
     if len(d) < len(df):
@@ -325,28 +424,48 @@ def plot_scaling(df: pd.DataFrame, x_col: str, fit: bool, title: str, out_dir: P
               f"left out of the log-log plot", file=sys.stderr)
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     fits: list[dict[str, Any]] = []
-    xs, ys, texts, text_colors = [], [], [], []
+    unfitted: list[dict[str, Any]] = []
+    spread: list[dict[str, Any]] = []
+    xs, ys, texts, text_colors, bars = [], [], [], [], []
     for backbone, g in sorted(d.groupby("backbone"), key=lambda kv: kv[0]):
         g = g.sort_values(x_col)
+        pts = aggregate_seeds(g, x_col)
         color, marker = colors[backbone], MARKERS[sorted(colors).index(backbone) % len(MARKERS)]
         label, n_x = backbone, g[x_col].nunique()
-        power_law = fit_power_law(g[x_col], g["metric_value"]) if fit and n_x >= MIN_FIT_X else None
+        n_seeds = max(int(g["seed"].nunique()), 1) if "seed" in g else 1
+        counts = dict(x=x_col, backbone=backbone, points=len(g), distinct_x=n_x, seeds=n_seeds)
+        power_law = fit_power_law_ci(g[x_col], g["metric_value"]) if fit and n_x >= MIN_FIT_X else None
         if power_law is not None:
-            k, c = power_law
+            k, c = power_law["exponent"], power_law["coefficient"]
             line_x = np.geomspace(g[x_col].min(), g[x_col].max(), 50)
             ax.plot(line_x, c * line_x ** k, "--", color=color, lw=1.2, alpha=0.8)
-            label = f"{backbone} (fit: ∝ x^{k:.3f})"
-            fits.append(dict(x=x_col, backbone=backbone, exponent=k, coefficient=c, points=len(g)))
-        elif fit and n_x < MIN_FIT_X:
-            label = f"{backbone} ({n_x} x value{'s' if n_x != 1 else ''}: no fit, needs {MIN_FIT_X})"
+            ci = power_law["exponent_ci_low"], power_law["exponent_ci_high"]
+            label = f"{backbone} (fit: ∝ x^{k:.3f}" + (
+                f", {CI_LEVEL:.0%} CI [{ci[0]:.3f}, {ci[1]:.3f}])" if math.isfinite(ci[0]) else ")")
+            fits.append(dict(**counts, **power_law, ci_level=CI_LEVEL, ci_method=FIT_CI_METHOD, reason=""))
         elif fit:
-            label = f"{backbone} (x spans < {MIN_FIT_SPAN}x: no fit)"
-        ax.scatter(g[x_col], g["metric_value"], color=color, marker=marker, s=36, label=label, zorder=3)
-        for _, row in g.iterrows():
+            if n_x < MIN_FIT_X:
+                reason = f"{n_x} distinct x value{'s' if n_x != 1 else ''} (a fit needs {MIN_FIT_X})"
+                label = f"{backbone} ({n_x} x value{'s' if n_x != 1 else ''}: no fit, needs {MIN_FIT_X})"
+            else:
+                reason = f"x spans < {MIN_FIT_SPAN}x"
+                label = f"{backbone} (x spans < {MIN_FIT_SPAN}x: no fit)"
+            unfitted.append(dict(**counts, reason=reason))
+        ax.scatter(pts[x_col], pts["metric_value"], color=color, marker=marker, s=36, label=label, zorder=3)
+        many = pts[pts["n_seeds"] > 1]
+        if len(many):
+            ax.errorbar(many[x_col], many["metric_value"],
+                        yerr=[many["metric_value"] - many["lo"], many["hi"] - many["metric_value"]],
+                        fmt="none", ecolor=color, elinewidth=1.0, capsize=3, alpha=0.85, zorder=2)
+        for _, row in pts.iterrows():
             xs.append(row[x_col])
             ys.append(row["metric_value"])
             texts.append(point_label(row))
             text_colors.append(color)
+            if row["n_seeds"] > 1:
+                bars.append((row[x_col], row["lo"], row["hi"]))
+            spread.append(dict(backbone=backbone, x=row[x_col], mean=row["metric_value"], low=row["lo"],
+                               high=row["hi"], seeds=int(row["n_seeds"]), kind=row["spread"]))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.margins(0.08)
@@ -356,12 +475,17 @@ def plot_scaling(df: pd.DataFrame, x_col: str, fit: bool, title: str, out_dir: P
     ax.set_ylabel(axis_label(metric))
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=10)
-    anns = place_labels(ax, xs, ys, texts, text_colors)
+    anns = place_labels(ax, xs, ys, texts, text_colors, bars=bars)
     if d["backbone"].nunique():  # outside the axes: never on top of points or labels
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        handles, labels = ax.get_legend_handles_labels()
+        kinds = [k for k in SPREAD_TEXT if any(p["kind"] == k for p in spread)]
+        if kinds:  # what the markers and bars are
+            handles.append(Line2D([], [], color="0.35", marker="|", markersize=12, linestyle="none"))
+            labels.append("marker: mean over seeds; bar: " + "; ".join(SPREAD_TEXT[k] for k in kinds))
+        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     overlaps = count_label_overlaps(anns)
-    return dict(paths=_save(fig, out_dir, stem), fits=fits, fitted=[f["backbone"] for f in fits],
-                label_overlaps=overlaps)
+    return dict(paths=_save(fig, out_dir, stem), fits=fits, unfitted=unfitted, fitted=[f["backbone"] for f in fits],
+                spread=spread, label_overlaps=overlaps)
 
 
 def _repeats(g: pd.DataFrame, x_col: str, drawn: list[str]) -> str | None:
@@ -384,7 +508,8 @@ def _repeats(g: pd.DataFrame, x_col: str, drawn: list[str]) -> str | None:
 def plot_dataset(df: pd.DataFrame, source: str, out_dir: Path) -> list[dict[str, Any]]:
     """All plots of one runs.csv: per recipe and metric, the metric-vs-x figures (none spanning two recipes).
     Returns one description per figure: {"stem", "paths", "recipe", "dataset", "image_size", "metric_name", "x",
-    "fits", "fitted", "label_overlaps", "skipped"} (``skipped``: the reason, with no paths, or None)."""
+    "fits", "unfitted", "fitted", "spread", "label_overlaps", "skipped", "note"} (``skipped``: the reason, with no
+    paths, or None; ``note``: why a view repeats another one, said in its title)."""
     figures: list[dict[str, Any]] = []
     colors = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(sorted(df["backbone"].unique()))}
     df = df.assign(_recipe=recipe_keys(df))
@@ -407,18 +532,25 @@ def plot_dataset(df: pd.DataFrame, source: str, out_dir: Path) -> list[dict[str,
             for x_col, fit in X_AXES:
                 stem = _slug(f"{dataset}{res.replace(' ', '_')}_{info['metric_name']}_vs_{x_col}_{recipe}")
                 desc: dict[str, Any] = dict(stem=stem, paths=[], recipe=recipe, dataset=dataset, image_size=size,
-                                            metric_name=info["metric_name"], x=x_col, fits=[], fitted=[],
-                                            label_overlaps=0, skipped=None)
+                                            metric_name=info["metric_name"], x=x_col, fits=[], unfitted=[],
+                                            fitted=[], spread=[], label_overlaps=0, skipped=None, note=None)
                 gx = g.dropna(subset=[x_col])
-                desc["skipped"] = _repeats(gx, x_col, drawn)
+                if x_col in BOTH_VIEWS:  # drawn even when it repeats the other view (then said in its title)
+                    desc["skipped"] = _repeats(gx, x_col, [])
+                    note = None if desc["skipped"] else _repeats(gx, x_col, drawn)
+                    desc["note"] = note and note.replace("(same figure, same exponents)", "(rescaled: same exponents)")
+                else:
+                    desc["skipped"] = _repeats(gx, x_col, drawn)
                 if desc["skipped"]:
                     print(f"bench.plots: {stem}: not drawn: {desc['skipped']}", file=sys.stderr)
                     for stale in (out_dir / f"{stem}.{ext}" for ext in ("png", "svg")):  # from an earlier run
                         stale.unlink(missing_ok=True)
                 else:
-                    desc.update(plot_scaling(gx, x_col, fit, title, out_dir, stem, colors))
-                    desc["fits"] = [dict(dataset=dataset, image_size=size, recipe=recipe,
-                                         metric_name=info["metric_name"], **r) for r in desc["fits"]]
+                    full_title = title + (f"\n[{desc['note']}]" if desc["note"] else "")
+                    desc.update(plot_scaling(gx, x_col, fit, full_title, out_dir, stem, colors))
+                    for k in ("fits", "unfitted"):
+                        desc[k] = [dict(dataset=dataset, image_size=size, recipe=recipe,
+                                        metric_name=info["metric_name"], **r) for r in desc[k]]
                     drawn.append(x_col)
                 figures.append(desc)
     return figures
@@ -449,12 +581,14 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
             if g.empty:
                 continue
             name = str(mixer)
-            power_law = fit_power_law(g["tokens"], g[col]) if g["tokens"].nunique() >= MIN_FIT_X else None
+            n_x = g["tokens"].nunique()
+            power_law = fit_power_law_ci(g["tokens"], g[col]) if n_x >= MIN_FIT_X else None
             if power_law is not None:
-                k = power_law[0]
+                k = power_law["exponent"]
                 name += f" (∝ T^{k:.2f})"
                 fits.append(dict(dataset="tokens", device=device, metric_name=col, x="tokens", backbone=mixer,
-                                 exponent=k, points=len(g)))
+                                 **power_law, points=len(g), ci_level=CI_LEVEL, ci_method=FIT_CI_METHOD,
+                                 distinct_x=n_x, seeds=1, reason=""))
             ax.plot(g["tokens"], g[col], marker=MARKERS[i % len(MARKERS)], label=name)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -471,9 +605,10 @@ def plot_tokens(csv_path: Path, out_dir: Path) -> tuple[list[Path], list[dict[st
 
 
 def _write_fits(fits: list[dict[str, Any]], path: Path) -> None:
-    cols = ["dataset", "image_size", "recipe", "device", "metric_name", "x", "backbone", "exponent", "coefficient",
-            "points"]
-    atomic_write(path, lambda f: pd.DataFrame(fits, columns=cols).to_csv(f, index=False, float_format="%.10g"),
+    """fits.csv: FIT_COLUMNS (the first ten as before, the interval columns after them); a row without a fit has
+    empty exponent, coefficient and interval, and its reason."""
+    atomic_write(path, lambda f: pd.DataFrame(fits, columns=FIT_COLUMNS).to_csv(f, index=False,
+                                                                                 float_format="%.10g"),
                  binary=False)
 
 
@@ -493,6 +628,7 @@ def make_plots(results_dir: str | os.PathLike = "results", out_dir: str | os.Pat
                         f"(python -m bench.sweep) or bench.tokens first")
     paths: list[Path] = []
     fits: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []  # fits.csv: the fits and the backbones without one, per figure
     figures: list[dict[str, Any]] = []
     for csv in run_csvs:
         df = load_runs(csv)
@@ -503,14 +639,16 @@ def make_plots(results_dir: str | os.PathLike = "results", out_dir: str | os.Pat
         figures += figs
         paths += [p for fig in figs for p in fig["paths"]]
         fits += [f for fig in figs for f in fig["fits"]]
+        rows += [r for fig in figs for r in sorted(fig["fits"] + fig["unfitted"], key=lambda r: r["backbone"])]
     for csv in token_csvs:
         p, f = plot_tokens(csv, out)
         paths += p
         fits += f
+        rows += f
     if not paths:
         raise PlotError(f"nothing to plot under {results}: no successful runs yet")
-    _write_fits(fits, out / "fits.csv")
-    return {"paths": paths, "fits": fits, "figures": figures}
+    _write_fits(rows, out / "fits.csv")
+    return {"paths": paths, "fits": fits, "unfitted": [r for r in rows if r.get("reason")], "figures": figures}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,8 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for f in res["fits"]:
         recipe = f" [{f['recipe']}]" if f.get("recipe") else ""
+        ci = (f" [{f['exponent_ci_low']:.4f}, {f['exponent_ci_high']:.4f}] {f['ci_level']:.0%} CI"
+              if math.isfinite(f.get("exponent_ci_low", math.nan)) else "")
         print(f"fit {f['dataset']}{recipe} {f['metric_name']} vs {f['x']}: {f['backbone']} exponent "
-              f"{f['exponent']:.4f} ({f['points']} points)")
+              f"{f['exponent']:.4f}{ci} ({f['points']} points, {f.get('distinct_x', '?')} x values, "
+              f"{f.get('seeds', 1)} seed(s))")
     print(f"bench.plots: wrote {len(res['paths'])} files to {Path(res['paths'][0]).parent}")
     return 0
 

@@ -5,13 +5,27 @@
     python -m bench.sweep -m backbone=dit,lit hydra/launcher=joblib hydra.launcher.n_jobs=2
 
 A point is the sweep's run configuration with the grid's ``backbone.*`` overrides applied, validated by the same
-schema as ``diffusion.train``. Three keys (``diffusion.run``) decide what may be reused:
+schema as ``diffusion.train``. A grid (conf/sweep/<name>.yaml) gives per backbone explicit ``points`` (lists of
+overrides) and/or ``axes`` ({key: [values]}: every combination, in the listed order, first key slowest, after the
+explicit points; a combination appears once). An axis combination whose backbone cannot be built (heads not dividing
+the width, an even RWKV depth, a DiMR width its branches cannot split, ...) is skipped with the constructor's message
+(it is built on the meta device: no memory, no time); an explicit point that fails is recorded as a ``failed`` row.
+``sweep.seeds=[0,1]`` runs every point once per run seed (seed-major: all points at the first seed, then the next),
+each its own run and row; ``[]`` (the default) is the config's ``seed``. An axis is overridden (or added) like any
+key, ``sweep.axes.dit.patch_size=[2,4,8]``; ``sweep.dry_run=true`` lists the points with their parameters and
+GMACs, and the skipped combinations with their reasons, without training:
+
+    python -m bench.sweep sweep=cpu_scaling sweep.dry_run=true
+    python -m bench.sweep sweep=cpu_scaling backbone=dit sweep.axes.dit.patch_size=[2,4,8] sweep.dry_run=true
+
+Three keys (``diffusion.run``) decide what may be reused:
 
 * the **run key** + ``train.steps`` names the point's run directory: a checkpoint is resumed or reused only by a
   point with the same training recipe (the trainer re-checks the key on resume);
 * the **point key** adds the evaluation protocol: a CSV row is reused only under the same key, so changing the
   learning rate, schedule, CFG scale, sampler, sample count or metric gives a new row (old rows stay);
-* the **recipe key** is the point key without the architecture: the plots fit one curve per recipe.
+* the **recipe key** is the point key without the architecture and the seed (it enters as 0, so keys written
+  before seeds were aggregated hold): the plots fit one curve per recipe, the seeds of a point aggregated.
 
 Reuse is announced with where it came from. Rows go to ``<results_dir>/<dataset>/runs.csv`` (schema:
 bench/schema.py) through ``bench.results_csv`` (validated on read, atomic under a lock); a failing point gets a
@@ -22,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
+import json
 import logging
 import sys
 import time
@@ -63,8 +79,9 @@ class PointBusy(RuntimeError):
 # Points
 # ----------------------------------------------------------------------------------------------------------------
 def selected_backbones(cfg: DictConfig) -> list[str]:
-    """``backbone=<name>`` selects one backbone's points; without it every backbone the grid lists."""
-    grid = cfg.sweep.points
+    """``backbone=<name>`` selects one backbone's points; without it every backbone the grid lists (its explicit
+    points, then its axes)."""
+    grid = list(cfg.sweep.points or {}) + [n for n in (cfg.sweep.axes or {}) if n not in (cfg.sweep.points or {})]
     if cfg.backbone is None:
         names = list(grid)
         unknown = [n for n in names if n not in backbones.available()]
@@ -80,9 +97,69 @@ def selected_backbones(cfg: DictConfig) -> list[str]:
     return [name]
 
 
-def point_config(cfg: DictConfig, name: str, overrides: dict) -> DictConfig:
+def grid_points(cfg: DictConfig, names: list[str]) -> list[tuple[str, dict, bool]]:
+    """(backbone, overrides, from_axes) of every point of the grid for ``names``: per backbone its explicit points,
+    then the product of its axes (keys in the listed order, the first varying slowest). Points with the same
+    overrides appear once (the first)."""
+    out: list[tuple[str, dict, bool]] = []
+    seen: set[tuple[str, str]] = set()
+    for name in names:
+        explicit = [dict(p) for p in to_plain((cfg.sweep.points or {}).get(name) or [])]
+        axes = to_plain((cfg.sweep.axes or {}).get(name) or {})
+        product = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else []
+        for overrides, from_axes in [(p, False) for p in explicit] + [(p, True) for p in product]:
+            signature = (name, json.dumps(overrides, sort_keys=True, default=str))
+            if signature not in seen:
+                seen.add(signature)
+                out.append((name, overrides, from_axes))
+    return out
+
+
+def build_check(point: DictConfig, dataset: Dataset) -> str | None:
+    """None when the point's backbone can be built for the data, else the constructor's message. It is built on the
+    meta device with the arguments the trainer will use (no memory, no initialisation)."""
+    kwargs = backbone_kwargs(point.backbone, dataset, point.train.class_dropout_prob, point.diffusion.learn_sigma,
+                             point.diffusion.diffusion_steps)
+    try:
+        with torch.device("meta"):
+            backbones.build(point.backbone.name, **kwargs)
+    except (ValueError, TypeError, AssertionError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def expand_grid(cfg: DictConfig, names: list[str], dataset: Dataset
+                ) -> tuple[list[tuple[str, dict]], list[tuple[str, dict, str]]]:
+    """The points to run, [(backbone, overrides)], and the skipped axis combinations, [(backbone, overrides,
+    reason)]: a combination is skipped when its config is invalid or its constructor refuses it. Explicit points
+    are kept as given (a failing one becomes a ``failed`` row, as the user asked for it by name)."""
+    points, skipped = [], []
+    for name, overrides, from_axes in grid_points(cfg, names):
+        if from_axes:
+            try:
+                reason = build_check(point_config(cfg, name, overrides), dataset)
+            except ConfigError as e:
+                reason = str(e)
+            if reason:
+                skipped.append((name, overrides, reason))
+                continue
+        points.append((name, overrides))
+    return points, skipped
+
+
+def sweep_seeds(cfg: DictConfig) -> list[int]:
+    """The run seeds of every point: ``sweep.seeds``, or the config's ``seed`` when it is empty or null."""
+    return [int(s) for s in (cfg.sweep.seeds or [])] or [int(cfg.seed)]
+
+
+def overrides_text(overrides: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in overrides.items()) + "}"
+
+
+def point_config(cfg: DictConfig, name: str, overrides: dict, seed: int | None = None) -> DictConfig:
     """The run config of one point: the backbone group (the user's, if they chose this backbone, else
-    conf/backbone/<name>.yaml) with the point's overrides, validated like any training config."""
+    conf/backbone/<name>.yaml) with the point's overrides (and run ``seed`` when given), validated like any training
+    config."""
     if cfg.backbone is not None and cfg.backbone.name == name:
         base = to_plain(cfg.backbone)
     else:
@@ -90,6 +167,8 @@ def point_config(cfg: DictConfig, name: str, overrides: dict) -> DictConfig:
         base.pop("defaults", None)
     point = OmegaConf.create(to_plain(cfg))
     point.backbone = validate_backbone({**base, **dict(overrides), "name": name})
+    if seed is not None:
+        point.seed = int(seed)
     return validate(point)
 
 
@@ -107,7 +186,9 @@ def point_keys(point: DictConfig, dataset: Dataset) -> dict[str, str]:
     evaluation["clip_denoised"] = dataset.clip_denoised(evaluation["clip_denoised"])  # None resolved per data
     evaluation.update({k: plain["eval"][k] for k, default in EVAL_KEYS_IF_SET.items() if plain["eval"][k] != default})
     steps = int(point.train.steps)
-    recipe = {k: v for k, v in identity.items() if k != "backbone"}
+    # Without the architecture and the run seed (the seeds of a point are aggregated in one figure); the seed enters
+    # as 0, the default, so that recipe keys written before seeds were aggregated (e.g. results/published) hold.
+    recipe = {**{k: v for k, v in identity.items() if k != "backbone"}, "seed": 0}
     return {"run_key": rkey,
             "train_key": f"{prefix}-s{steps}-{digest([identity, steps])}",
             "point_key": f"{prefix}-s{steps}-{digest([identity, steps, evaluation])}",
@@ -268,12 +349,13 @@ def _all_images(dataset: Dataset) -> torch.Tensor:
                       for i in range(0, len(dataset), 1024)])
 
 
-def _failed_row(point: DictConfig, name: str, keys: dict, err: BaseException) -> dict:
+def _failed_row(point: DictConfig, name: str, keys: dict, err: BaseException, seed: int | None = None) -> dict:
     return {**{k: keys.get(k, "") for k in ("point_key", "run_key", "recipe_key")},
             "dataset": point.dataset.name, "image_size": point.dataset.image_size, "backbone": name,
             "train_steps": point.train.steps, "batch": point.train.batch_size, "lr": point.train.lr,
-            "seed": point.seed, "status": "failed", "error": f"{type(err).__name__}: {err}"[:500],
-            "torch_version": torch.__version__, "git_commit": git_commit()}
+            "seed": point.seed if seed is None else seed, "status": "failed",
+            "error": f"{type(err).__name__}: {err}"[:500], "torch_version": torch.__version__,
+            "git_commit": git_commit()}
 
 
 def run_sweep(cfg: DictConfig) -> list[dict]:
@@ -287,25 +369,52 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
     if not world.is_main:
         cfg.progress = False
     names = selected_backbones(cfg)
-    points = [(n, dict(p)) for n in names for p in to_plain(cfg.sweep.points[n])]
     csv_path = Path(cfg.results_dir) / cfg.dataset.name / "runs.csv"
-    print(f"sweep {cfg.sweep.name}: {len(points)} points on {cfg.dataset.name} {cfg.dataset.image_size}px, "
-          f"{cfg.train.steps} steps x batch {cfg.train.batch_size}; FLOPs are {CONVENTION}; rows -> {csv_path}")
     dataset = load_from_config(cfg.dataset, "train")
+    points, skipped = expand_grid(cfg, names, dataset)
+    seeds = sweep_seeds(cfg)
+    if world.is_main:
+        for name, overrides, reason in skipped:
+            print(f"skipped {name} {overrides_text(overrides)}: {reason}")
+    runs = [(seed, i, name, overrides) for seed in seeds for i, (name, overrides) in enumerate(points, 1)]
+    if world.is_main:
+        print(f"sweep {cfg.sweep.name}: {len(points)} points" + (f" ({len(skipped)} combinations skipped)"
+                                                                  if skipped else "") +
+              f" x {len(seeds)} seed{'s' if len(seeds) != 1 else ''} {seeds} = {len(runs)} runs on "
+              f"{cfg.dataset.name} {cfg.dataset.image_size}px, {cfg.train.steps} steps x batch "
+              f"{cfg.train.batch_size}; FLOPs are {CONVENTION}; rows -> {csv_path}")
+    if cfg.sweep.dry_run:
+        if world.is_main:
+            print_points(cfg, points, dataset)
+            for j, (seed, i, name, overrides) in enumerate(runs, 1):
+                print(f"[{j}/{len(runs)}] point {i}/{len(points)} seed {seed}: {name} {overrides_text(overrides)}")
+        return []
     scorer = None
     rows = []
-    bar = tqdm(points, desc="sweep", unit="point", position=0, dynamic_ncols=True, disable=not cfg.progress)
-    for name, overrides in bar:
+    done_keys: dict[str, str] = {}  # point key -> the point that ran under it in this sweep
+    bar = tqdm(runs, desc="sweep", unit="run", position=0, dynamic_ncols=True, disable=not cfg.progress)
+    for j, (seed, i, name, overrides) in enumerate(bar, 1):
         keys: dict = {}
+        point = None
+        where = f"[{j}/{len(runs)}] point {i}/{len(points)} seed {seed}: {name} {overrides_text(overrides)}"
+        if world.is_main:
+            say(cfg, where)
         try:
-            point = point_config(cfg, name, overrides)
+            point = point_config(cfg, name, overrides, seed)
             keys = point_keys(point, dataset)
             bar.set_postfix_str(keys["point_key"][:60])
+            if keys["point_key"] in done_keys:
+                say(cfg, f"{where} has the key of {done_keys[keys['point_key']]} ({keys['point_key']}); not repeated")
+                continue
+            done_keys[keys["point_key"]] = where
             previous = broadcast({r[ROW_KEY]: r for r in read_rows(csv_path)}.get(keys["point_key"])
                                  if world.is_main else None, world)
             if previous is not None and previous.get("status") == "ok":
                 say(cfg, f"reusing row {keys['point_key']} of {csv_path} (same key; commit "
                          f"{previous.get('git_commit')}, run {previous.get('run_dir')})")
+                if previous.get("recipe_key") != keys["recipe_key"] and world.is_main:
+                    previous = {**previous, "recipe_key": keys["recipe_key"]}  # a row from before seeds aggregated
+                    upsert_row(csv_path, previous, key=ROW_KEY)
                 rows.append(previous)
                 continue
             if scorer is None and world.is_main:
@@ -319,8 +428,8 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
             say(cfg, str(e))
             continue
         except Exception as e:  # a failing point is recorded and the sweep goes on
-            log.error("point %s %s failed:\n%s", name, overrides, traceback.format_exc())
-            row = _failed_row(point if "point" in locals() else cfg, name, keys, e)
+            log.error("point %s %s seed %s failed:\n%s", name, overrides, seed, traceback.format_exc())
+            row = _failed_row(point if point is not None else cfg, name, keys, e, seed)
             if not keys or not world.is_main:  # invalid before it had a key: nothing to record under
                 rows.append(row)
                 continue
@@ -332,6 +441,23 @@ def run_sweep(cfg: DictConfig) -> list[dict]:
     return rows
 
 
+def print_points(cfg: DictConfig, points: list[tuple[str, dict]], dataset: Dataset) -> None:
+    """The expanded points with their parameters and forward GMACs (the counter of the CSV's gmacs column)."""
+    from bench.flops import build_for_counting
+
+    for i, (name, overrides) in enumerate(points, 1):
+        try:
+            point = point_config(cfg, name, overrides)
+            kwargs = backbone_kwargs(point.backbone, dataset, point.train.class_dropout_prob,
+                                     point.diffusion.learn_sigma, point.diffusion.diffusion_steps)
+            model = build_for_counting(name, **kwargs)
+            counts = (f"{count_parameters(model) / 1e6:.3f}M params, "
+                      f"{forward_gmacs(model, model.input_size, model.in_channels):.4g} GMACs")
+        except Exception as e:  # an explicit point the constructor refuses: its run records the failure
+            counts = f"not buildable: {e}"
+        print(f"point {i}/{len(points)}: {name} {overrides_text(overrides)}: {counts}")
+
+
 def print_summary(rows: list[dict]) -> None:
     import pandas as pd
 
@@ -339,7 +465,7 @@ def print_summary(rows: list[dict]) -> None:
         print("no points")
         return
     df = pd.DataFrame(rows)
-    cols = [c for c in ["backbone", "size", "patch", "depth", "width", "params", "gmacs", "metric_name",
+    cols = [c for c in ["backbone", "size", "patch", "depth", "width", "seed", "params", "gmacs", "metric_name",
                         "metric_value", "classifier_accuracy", "train_img_per_s", "status"] if c in df]
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(df[cols].to_string(index=False))

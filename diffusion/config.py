@@ -150,8 +150,14 @@ class EvalConfig:
 
 @dataclass
 class SweepConfig:
+    """A grid (conf/sweep/<name>.yaml): per backbone, explicit points and/or axes whose product is swept."""
     name: str = MISSING
     points: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)  # backbone -> list of backbone.* overrides
+    # backbone -> {backbone.* key: values}: every combination is a point (product in the listed order, first key
+    # slowest); a combination the constructor refuses (heads not dividing the width, ...) is skipped with its reason
+    axes: Dict[str, Dict[str, List[Any]]] = field(default_factory=dict)
+    seeds: Optional[List[int]] = field(default_factory=list)  # each point once per run seed; [] / null = `seed`
+    dry_run: bool = False           # list the expanded points (and the skipped combinations), train nothing
 
 
 @dataclass
@@ -168,7 +174,11 @@ class BenchConfig(RunConfig):
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(name="bench_schema", node=BenchConfig)
+    bench = OmegaConf.structured(BenchConfig)
+    # Hydra closes every dict before the command-line overrides; the axes stay open so that
+    # `sweep.axes.<backbone>.<key>=[...]` adds or replaces an axis without a `+` (validate_sweep checks the names)
+    OmegaConf.set_struct(bench.sweep.axes, False)
+    cs.store(name="bench_schema", node=bench)
 
 
 register_configs()
@@ -336,7 +346,38 @@ def validate(cfg: DictConfig) -> DictConfig:
         if e.metric == Metric.classifier and e.reference != "test":
             raise ConfigError(f"eval.reference={e.reference} applies to eval.metric=fid; the classifier metric "
                               f"always compares with the test split")
+    if "sweep" in cfg:
+        validate_sweep(cfg.sweep)
     return cfg
+
+
+def validate_sweep(sweep: DictConfig) -> None:
+    """Grid checks: axes of registered backbones, each axis a constructor key with a non-empty list of values of
+    the key's type (a preset name for ``size``); seeds distinct integers >= 0. Combinations are checked later,
+    by building each one (bench.sweep skips the ones the constructor refuses)."""
+    import backbones
+
+    for name, axes in (sweep.axes or {}).items():
+        if name not in backbones.available():
+            raise ConfigError(f"sweep.axes.{name}: {name!r} is not a registered backbone; choose one of "
+                              f"{', '.join(backbones.available())}")
+        schema = backbone_schema(name)
+        for key, values in (axes or {}).items():
+            if key not in schema:
+                raise ConfigError(f"sweep.axes.{name}.{key}: unknown key for backbone {name!r}; allowed: "
+                                  f"{', '.join(sorted(schema))}")
+            if values is None or len(values) == 0:
+                raise ConfigError(f"sweep.axes.{name}.{key} must list at least one value (e.g. [2, 4])")
+            for value in values:
+                try:
+                    validate_backbone({"name": name, key: value})
+                except ConfigError as e:
+                    raise ConfigError(f"sweep.axes.{name}.{key}: {e}") from None
+    seeds = list(sweep.seeds or [])
+    for s in seeds:
+        _check(s >= 0, "sweep.seeds", seeds, "a list of distinct integers >= 0 ([] = the config's seed)")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"sweep.seeds={seeds} lists a seed twice; each seed is one run of every point")
 
 
 def check_cfg_scale(value: float, key: str = "cfg_scale") -> None:

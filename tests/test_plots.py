@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.text import Text
@@ -59,10 +60,10 @@ def test_scaling_plots_from_synthetic_csv(tmp_path, capsys):
         for ext in ("png", "svg"):
             f = out / f"{stem.format(x)}.{ext}"
             assert f.is_file() and f.stat().st_size > 1000, f
-    # One budget: training compute = GMACs x 3 x 64 x 500 for every point, the GMACs figure again: not drawn.
-    assert not list(out.glob("*train_compute*"))
+    # One budget: training compute = GMACs x 3 x 64 x 500 for every point: the equal-training-compute view is drawn
+    # all the same (both views for every recipe), its title saying that it repeats the GMACs figure.
+    assert "train_compute_gmacs = 96000 x gmacs" in (out / f"{stem.format('train_compute_gmacs')}.svg").read_text()
     captured = capsys.readouterr()
-    assert "train_compute_gmacs = 96000 x gmacs" in captured.err
     assert (out / "tokens_cpu.png").is_file() and (out / "tokens_cpu.svg").is_file()
     assert not list(out.glob("*.tmp"))
 
@@ -74,7 +75,7 @@ def test_scaling_plots_from_synthetic_csv(tmp_path, capsys):
             r = scaling[(scaling["x"] == x) & (scaling["backbone"] == backbone)]
             assert len(r) == 1 and int(r["points"].iloc[0]) == 3  # failed rows ignored
             assert abs(r["exponent"].iloc[0] - k) < 1e-6
-    assert set(scaling["x"]) == {"gmacs", "params"}  # no fit on throughput, no skipped figure
+    assert set(scaling["x"]) == {"gmacs", "train_compute_gmacs", "params"}  # no fit on throughput
     assert set(scaling["recipe"]) == {"steps500-bs64"}
     tok = fits[(fits["dataset"] == "tokens") & (fits["metric_name"] == "time_ms_median")].set_index("backbone")
     assert abs(tok.loc["attention", "exponent"] - 2.0) < 1e-6 and abs(tok.loc["bi_wkv", "exponent"] - 1.0) < 1e-6
@@ -165,14 +166,19 @@ def test_fit_needs_three_distinct_x(tmp_path):
 
 
 def test_repeated_x_figure_is_skipped(tmp_path, capsys):
-    figs = _figures(tmp_path, _dit_rows(500))
-    (skip,) = [f for f in figs if f["x"] == "train_compute_gmacs"]
+    figs = _figures(tmp_path, _dit_rows(500))  # params = 1e6 x GMACs for every point: the GMACs figure again
+    (skip,) = [f for f in figs if f["x"] == "params"]
     assert skip["skipped"] and "gmacs" in skip["skipped"] and skip["paths"] == []
     assert "not drawn" in capsys.readouterr().err
-    # Training compute that is not one multiple of GMACs for every point is drawn.
+    # The two views are both drawn for every recipe: training compute a multiple of GMACs is noted, not skipped.
+    (both,) = _drawn(figs, "train_compute_gmacs")
+    assert both["note"] and "gmacs" in both["note"] and both["fitted"] == ["dit"]
+    # Parameters that are not one multiple of GMACs for every point are drawn, and so is training compute, unnoted.
     rows = _dit_rows(500)
     rows[0]["train_compute_gmacs"] *= 2
-    assert _drawn(_figures(tmp_path, rows), "train_compute_gmacs")
+    rows[0]["params"] *= 3
+    figs = _figures(tmp_path, rows)
+    assert _drawn(figs, "params") and _drawn(figs, "train_compute_gmacs")[0]["note"] is None
 
 
 def test_labels_of_coincident_points_do_not_overlap(tmp_path):
@@ -210,3 +216,111 @@ def test_log_ticks_are_plain_numbers():
             float(text)  # plain decimals: no 10^x, no \\times, no mathtext
     plt.close(fig)
     assert [plots._plain(v) for v in (0.02, 1024, 2e5, 1.5e6)] == ["0.02", "1024", "200k", "1.5M"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeds: one marker per point with its spread; fits with confidence intervals
+# --------------------------------------------------------------------------------------------------------------
+def _seed_rows(backbone, gmacs, seeds, metric, **kw):
+    """One row per (point, seed): metric(g, seed) -> value."""
+    return [_row(backbone, "S", 2 if backbone != "dico" else "", g, g * 1e6, seed=s, recipe_key="r",
+                 point_key=f"{backbone}-{g}-seed{s}", metric_value=metric(g, s), **kw)
+            for s in seeds for g in gmacs]
+
+
+def _spy_figures(monkeypatch):
+    """What plot_scaling drew, per stem: the error bars of each colour, the markers, the legend texts."""
+    from matplotlib.container import ErrorbarContainer
+
+    drawn = {}
+    real = plots._save
+
+    def spy(fig, out_dir, stem):
+        ax = fig.axes[0]
+        bars = {}
+        for c in ax.containers:
+            if isinstance(c, ErrorbarContainer):
+                (cols,) = c.lines[2]
+                color = tuple(cols.get_color()[0][:3])
+                bars[color] = sorted((float(s[0][0]), float(min(s[0][1], s[1][1])), float(max(s[0][1], s[1][1])))
+                                     for s in cols.get_segments())
+        markers = {tuple(coll.get_facecolor()[0][:3]): sorted(map(tuple, coll.get_offsets().data.tolist()))
+                   for coll in ax.collections if coll.__class__.__name__ == "PathCollection"}
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        fit_lines = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        drawn[stem] = dict(bars=bars, markers=markers, legend=legend, lines=len(fit_lines))
+        return real(fig, out_dir, stem)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return drawn
+
+
+def test_seeds_of_a_point_are_one_marker_with_its_spread(tmp_path, monkeypatch):
+    values = {0: [30.0, 20.0, 12.0], 1: [34.0, 18.0, 13.0], 2: [31.0, 23.0, 11.0]}
+    gd, gc, gl = (0.1, 0.4, 1.6), (0.2, 0.8, 3.0), (0.3, 1.2, 4.0)
+    rows = _seed_rows("dit", gd, (0, 1), lambda g, s: values[s][gd.index(g)])  # 2 seeds: min-max
+    rows += _seed_rows("dico", gc, (0, 1, 2), lambda g, s: values[s][gc.index(g)] / 3)  # 3: bootstrap of the mean
+    rows += _seed_rows("lit", gl, (0,), lambda g, s: 5.0 / g)  # 1 seed: a bare marker
+    drawn = _spy_figures(monkeypatch)
+    figs = _figures(tmp_path, rows)
+    colors = {b: tuple(plt.get_cmap("tab10")(i)[:3]) for i, b in enumerate(("dico", "dit", "lit"))}
+    for x in plots.BOTH_VIEWS:  # both views, each with the bars
+        (fig,) = _drawn(figs, x)
+        d = drawn[fig["stem"]]
+        scale = 1.0 if x == "gmacs" else 3 * 64 * 500
+        expected_dit = [(g * scale, min(values[0][i], values[1][i]), max(values[0][i], values[1][i]))
+                        for i, g in enumerate(gd)]
+        assert np.allclose(d["bars"][colors["dit"]], expected_dit)
+        expected_dico = [(g * scale, *plots.bootstrap_mean_interval([values[s][i] / 3 for s in (0, 1, 2)]))
+                         for i, g in enumerate(gc)]
+        assert np.allclose(d["bars"][colors["dico"]], expected_dico)
+        assert colors["lit"] not in d["bars"]  # one seed: no bar
+        means = [(g * scale, (values[0][i] + values[1][i]) / 2) for i, g in enumerate(gd)]
+        assert np.allclose(d["markers"][colors["dit"]], means)  # one marker per point, at the mean
+        assert "marker: mean over seeds; bar: min-max of 2 seeds; bootstrap 90% CI of the mean (>= 3 seeds)" \
+            in d["legend"]
+        assert {(s["backbone"], s["seeds"], s["kind"]) for s in fig["spread"]} == \
+            {("dit", 2, "min-max"), ("dico", 3, "bootstrap"), ("lit", 1, "single")}
+    lo, hi = plots.bootstrap_mean_interval([1.0, 2.0, 6.0])
+    assert 1.0 <= lo < 3.0 < hi <= 6.0 and (lo, hi) == plots.bootstrap_mean_interval([1.0, 2.0, 6.0])  # seeded
+    # a single-seed grid plots as before: no bar, no spread note
+    drawn.clear()
+    (fig,) = _drawn(_figures(tmp_path, _dit_rows(500)))
+    assert drawn[fig["stem"]]["bars"] == {} and not any("seeds" in t for t in drawn[fig["stem"]]["legend"])
+
+
+def test_fits_csv_has_exponent_intervals_and_says_why_a_fit_is_missing(tmp_path, monkeypatch):
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    gd = (0.05, 0.1, 0.2, 0.4, 0.8)
+    noise = {(g, s): float(np.exp(rng.normal(0, 0.03))) for g in gd for s in (0, 1)}
+    rows = _seed_rows("dit", gd, (0, 1), lambda g, s: 3 * g ** -0.5 * noise[(g, s)])
+    rows += _seed_rows("lit", (0.1, 0.4), (0, 1), lambda g, s: 4 * g ** -0.5 * (1 + 0.01 * s))  # 2 distinct x
+    drawn = _spy_figures(monkeypatch)
+    figs = _figures(tmp_path, rows)
+    fits = pd.read_csv(tmp_path / "results" / "plots" / "fits.csv")
+    assert list(fits.columns[:10]) == ["dataset", "image_size", "recipe", "device", "metric_name", "x", "backbone",
+                                       "exponent", "coefficient", "points"]  # the old columns first
+    assert list(fits.columns[10:]) == ["exponent_se", "exponent_ci_low", "exponent_ci_high", "ci_level", "ci_method",
+                                       "distinct_x", "seeds", "reason"]
+    lx, ly = np.log([r["gmacs"] for r in rows[:10]]), np.log([r["metric_value"] for r in rows[:10]])
+    ref = stats.linregress(lx, ly)  # an independent least-squares fit
+    for x in plots.BOTH_VIEWS:
+        dit = fits[(fits["x"] == x) & (fits["backbone"] == "dit")].iloc[0]
+        assert dit["exponent_ci_low"] < dit["exponent"] < dit["exponent_ci_high"]
+        assert dit["exponent_ci_low"] < -0.5 < dit["exponent_ci_high"] and dit["exponent"] == pytest.approx(-0.5,
+                                                                                                           abs=0.03)
+        assert dit["exponent"] == pytest.approx(ref.slope) and dit["exponent_se"] == pytest.approx(ref.stderr)
+        half = stats.t.ppf(0.95, 10 - 2) * ref.stderr  # 90% Student t, points - 2 degrees of freedom
+        assert (dit["exponent_ci_low"], dit["exponent_ci_high"]) == pytest.approx((ref.slope - half,
+                                                                                  ref.slope + half))
+        assert (dit["points"], dit["distinct_x"], dit["seeds"], dit["ci_level"], dit["ci_method"]) == \
+            (10, 5, 2, 0.9, "ols_t") and pd.isna(dit["reason"])
+        lit = fits[(fits["x"] == x) & (fits["backbone"] == "lit")].iloc[0]
+        assert pd.isna(lit[["exponent", "coefficient", "exponent_se", "exponent_ci_low", "exponent_ci_high"]]).all()
+        assert lit["reason"] == "2 distinct x values (a fit needs 3)"
+        assert (lit["points"], lit["distinct_x"], lit["seeds"]) == (4, 2, 2)
+        (fig,) = _drawn(figs, x)
+        assert fig["fitted"] == ["dit"] and drawn[fig["stem"]]["lines"] == 1  # one fitted line: dit's, none for lit
+        assert any(t.startswith("dit (fit: ∝ x^-0.") and "90% CI [" in t for t in drawn[fig["stem"]]["legend"])
