@@ -15,6 +15,7 @@ RUN_COLUMNS: list[str] = [
     "train_compute_gmacs",  # gmacs * 3 * batch * train_steps (forward + backward ~ 3x forward)
     "metric_name", "metric_value",        # e.g. fd_fmnist_classifier (never labelled "fid" unless Inception FID)
     "classifier_accuracy",               # accuracy of the metric classifier on class-conditional samples
+    "diffusion_classifier_accuracy",     # zero-shot diffusion-classifier accuracy (eval.diffusion_classifier=true)
     "num_samples", "sampler", "sample_steps", "cfg_scale", "seed",
     "train_img_per_s",     # steady-state median img/s of the training log (diffusion.run.steady_throughput)
     "sample_img_per_s",

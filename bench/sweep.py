@@ -69,6 +69,7 @@ EVAL_KEYS = ("metric", "num_samples", "sampler", "steps", "cfg_scale", "seed", "
              "inception_weights")
 # Evaluation keys added since: part of the point key only when they differ from these defaults (existing keys hold)
 EVAL_KEYS_IF_SET = {"labels": "balanced", "reference": "test"}
+DIFFUSION_CLASSIFIER_KEYS = ("diffusion_classifier", "diffusion_classifier_images", "diffusion_classifier_trials")
 
 
 class PointBusy(RuntimeError):
@@ -185,6 +186,8 @@ def point_keys(point: DictConfig, dataset: Dataset) -> dict[str, str]:
     evaluation = {k: plain["eval"][k] for k in EVAL_KEYS}
     evaluation["clip_denoised"] = dataset.clip_denoised(evaluation["clip_denoised"])  # None resolved per data
     evaluation.update({k: plain["eval"][k] for k, default in EVAL_KEYS_IF_SET.items() if plain["eval"][k] != default})
+    if plain["eval"]["diffusion_classifier"]:  # only when on: keys of points without it hold
+        evaluation.update({k: plain["eval"][k] for k in DIFFUSION_CLASSIFIER_KEYS})
     steps = int(point.train.steps)
     # Without the architecture and the run seed (the seeds of a point are aggregated in one figure); the seed enters
     # as 0, the default, so that recipe keys written before seeds were aggregated (e.g. results/published) hold.
@@ -299,10 +302,29 @@ def run_point(point: DictConfig, keys: dict, scorer: Any, dataset: Dataset, worl
     ncol = min(model.num_classes, 10)
     save_grid(samples[: 10 * ncol], run_dir / "eval_samples.png", ncol=ncol,
               class_names=scorer_class_names(scorer, ncol))
+    if point.eval.diffusion_classifier:
+        row["diffusion_classifier_accuracy"] = diffusion_classifier_score(point, model, device)
     row.update(metric_name=scores["metric_name"], metric_value=scores["metric_value"],
                classifier_accuracy=scores.get("classifier_accuracy", ""), wall_time_s=time.time() - t0,
                status="ok", error="")
     return row
+
+
+def diffusion_classifier_score(point: DictConfig, model: torch.nn.Module, device: torch.device) -> float:
+    """Zero-shot diffusion-classifier accuracy of ``model`` on a fixed class-balanced subset of the test split
+    (``eval.diffusion_classifier_images`` images, ``eval.diffusion_classifier_trials`` paired (t, noise) trials)."""
+    from bench.diffusion_classifier import diffusion_classifier_accuracy, fixed_subset
+
+    test_ds = load_from_config(point.dataset, "test")
+    if not test_ds.pixel_space:
+        raise ConfigError("eval.diffusion_classifier needs the test images in the model's input space; latent "
+                          "datasets hold only the extracted split: set eval.diffusion_classifier=false")
+    idx = fixed_subset(test_ds.labels, point.eval.diffusion_classifier_images, point.eval.seed)
+    images, labels = test_ds.fetch(idx)
+    out = diffusion_classifier_accuracy(model, to_plain(point.diffusion), images, labels,
+                                        trials=point.eval.diffusion_classifier_trials, seed=point.eval.seed,
+                                        batch_size=point.eval.batch_size, device=device, progress=point.progress)
+    return float(out["accuracy"])
 
 
 def scorer_class_names(scorer: Any, n: int) -> list[str] | None:

@@ -146,6 +146,11 @@ class EvalConfig:
     inception_weights: Optional[str] = None
     labels: EvalLabels = EvalLabels.balanced  # class labels of the evaluation samples (bench.fid: each paper's)
     reference: str = "test"         # FID reference: test | train (that split of the dataset) | a statistics .npz
+    # zero-shot diffusion-classifier accuracy of the trained model (bench.diffusion_classifier) on a fixed
+    # class-balanced subset of the test split: images x classes x trials network evaluations
+    diffusion_classifier: bool = False
+    diffusion_classifier_images: int = 200
+    diffusion_classifier_trials: int = 50
 
 
 @dataclass
@@ -340,6 +345,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         _check(e.steps >= 1, "eval.steps", e.steps, "an integer >= 1")
         _check(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
         check_cfg_scale(e.cfg_scale, "eval.cfg_scale")
+        _check(e.diffusion_classifier_images >= 1, "eval.diffusion_classifier_images", e.diffusion_classifier_images,
+               "an integer >= 1")
+        _check(e.diffusion_classifier_trials >= 1, "eval.diffusion_classifier_trials", e.diffusion_classifier_trials,
+               "an integer >= 1")
         if e.reference not in ("test", "train") and not e.reference.endswith(".npz"):
             raise ConfigError(f"eval.reference={e.reference!r}: choose test or train (that split of the dataset) or an "
                               f"FID statistics .npz (mu, sigma: an ADM reference batch or python -m bench.fid ref)")

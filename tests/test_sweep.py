@@ -220,3 +220,29 @@ def test_seeds_give_one_row_each_with_their_own_run(tmp_path, capsys):
     sweep.run_sweep(cfg)
     assert "reusing row" in capsys.readouterr().out
     assert [r["recipe_key"] for r in rows(tmp_path)] == [first["recipe_key"]] * 2
+
+
+def test_diffusion_classifier_accuracy_column_and_key(tmp_path):
+    from bench.diffusion_classifier import diffusion_classifier_accuracy, fixed_subset
+    from diffusion.data import load_dataset
+    from diffusion.trainer import build_from_checkpoint
+
+    points = {"dit": [TINY_POINTS["dit"][1]]}
+    on = ["eval.diffusion_classifier=true", "eval.diffusion_classifier_images=20", "eval.diffusion_classifier_trials=3"]
+    cfg = sweep_config(tmp_path, on, points=points)
+    sweep.run_sweep(cfg)
+    (row,) = rows(tmp_path)
+    acc = float(row["diffusion_classifier_accuracy"])
+    # the column is the accuracy of the point's EMA model on the fixed test subset, recomputed here
+    test = load_dataset("digits", "test", 8)
+    idx = fixed_subset(test.labels, 20, 0)
+    model = build_from_checkpoint(load_checkpoint(row["run_dir"] + "/checkpoints/last.pt"), use_ema=True)
+    expect = diffusion_classifier_accuracy(model, {"noise_schedule": "linear", "learn_sigma": True,
+                                                   "diffusion_steps": 1000}, test.images[idx], test.labels[idx],
+                                           trials=3, seed=0)["accuracy"]
+    assert acc == pytest.approx(expect) and 0 <= acc <= 1
+    # without it: another point key (so another row), and no value in the column
+    sweep.run_sweep(sweep_config(tmp_path, points=points))
+    both = rows(tmp_path)
+    assert len(both) == 2 and both[0]["point_key"] != both[1]["point_key"]
+    assert both[1]["diffusion_classifier_accuracy"] == ""
