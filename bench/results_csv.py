@@ -52,8 +52,10 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Every row of ``path`` as a dict over all of RUN_COLUMNS (columns absent from the file are "").
+def read_rows(path: str | os.PathLike, columns: list[str] = RUN_COLUMNS, key: str = KEY,
+              schema: str = "bench.schema.RUN_COLUMNS") -> list[dict[str, str]]:
+    """Every row of ``path`` as a dict over all of ``columns`` (columns absent from the file are ""); ``key`` is
+    the row key and ``schema`` names the column list in messages (other CSVs: bench.stitch).
 
     A missing or empty file gives []. Raises :class:`ResultsCSVError` for a missing or foreign header, unknown or
     repeated columns, a row with the wrong number of fields, a field holding a newline (an unterminated quote),
@@ -86,13 +88,13 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
                     raise _error(path, start, "a field spans several lines (an unterminated quote \" swallowed the "
                                               f"lines up to {end})")
             if header is None:
-                unknown = [c for c in fields if c not in RUN_COLUMNS]
-                if KEY not in fields or len(unknown) == len(fields):
+                unknown = [c for c in fields if c not in columns]
+                if key not in fields or len(unknown) == len(fields):
                     raise _error(path, start, f"no header: expected a first line of column names from "
-                                              f"bench.schema.RUN_COLUMNS ({','.join(RUN_COLUMNS[:3])},...), "
+                                              f"{schema} ({','.join(columns[:3])},...), "
                                               f"got {','.join(fields)[:120]!r}")
                 if unknown:
-                    raise _error(path, start, f"unknown columns {unknown} (not in bench.schema.RUN_COLUMNS)")
+                    raise _error(path, start, f"unknown columns {unknown} (not in {schema})")
                 repeated = sorted({c for c in fields if fields.count(c) > 1})
                 if repeated:
                     raise _error(path, start, f"repeated columns {repeated} in the header")
@@ -100,11 +102,11 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
                 continue
             if len(fields) != len(header):
                 raise _error(path, start, f"{len(fields)} fields where the header has {len(header)}")
-            row = dict.fromkeys(RUN_COLUMNS, "")
+            row = dict.fromkeys(columns, "")
             row.update(zip(header, fields))
-            if row[KEY] in seen:
-                raise _error(path, start, f"{KEY} {row[KEY]!r} repeats the row on line {seen[row[KEY]]}")
-            seen[row[KEY]] = start
+            if row[key] in seen:
+                raise _error(path, start, f"{key} {row[key]!r} repeats the row on line {seen[row[key]]}")
+            seen[row[key]] = start
             rows.append(row)
     return rows
 
@@ -120,22 +122,23 @@ def _cell(value: Any) -> str:
     return text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
 
 
-def upsert_row(path: str | os.PathLike, row: dict[str, Any], key: str = KEY) -> None:
+def upsert_row(path: str | os.PathLike, row: dict[str, Any], key: str = KEY, columns: list[str] = RUN_COLUMNS,
+               schema: str = "bench.schema.RUN_COLUMNS") -> None:
     """Insert ``row``, or replace the row with the same ``row[key]`` in place, rewriting ``path`` atomically.
 
     Runs under :func:`locked`, so concurrent writers never lose each other's rows. Raises KeyError, before
-    touching the file, when ``row`` has keys outside RUN_COLUMNS or lacks ``key``; ResultsCSVError when the file
+    touching the file, when ``row`` has keys outside ``columns`` or lacks ``key``; ResultsCSVError when the file
     on disk is malformed (it is then left as it is).
     """
     path = Path(path)
-    unknown = sorted(set(row) - set(RUN_COLUMNS))
+    unknown = sorted(set(row) - set(columns))
     if unknown:
-        raise KeyError(f"columns {unknown} are not in bench.schema.RUN_COLUMNS; add them there first")
-    if key not in RUN_COLUMNS or key not in row:
+        raise KeyError(f"columns {unknown} are not in {schema}; add them there first")
+    if key not in columns or key not in row:
         raise KeyError(f"the row has no {key!r} to upsert by")
-    new = {c: _cell(row.get(c)) for c in RUN_COLUMNS}
+    new = {c: _cell(row.get(c)) for c in columns}
     with locked(path):
-        rows = read_rows(path)
+        rows = read_rows(path, columns, key, schema)
         for i, old in enumerate(rows):
             if old[key] == new[key]:
                 rows[i] = new
@@ -143,7 +146,7 @@ def upsert_row(path: str | os.PathLike, row: dict[str, Any], key: str = KEY) -> 
         else:
             rows.append(new)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=RUN_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, buf.getvalue())

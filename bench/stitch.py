@@ -41,8 +41,6 @@ another pair of checkpoints adds rows and never overwrites; a row already there 
 
 from __future__ import annotations
 
-import csv
-import io
 import sys
 import time
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
@@ -53,6 +51,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
+from bench.results_csv import ResultsCSVError, read_rows, upsert_row
 from diffusion.config import ConfigError
 
 USAGE = __doc__.split("\n\n", 2)[1].splitlines()[0] + "\n(python -m bench.stitch --help for everything)\n"
@@ -262,57 +261,20 @@ def model_label(name: str, model: nn.Module) -> str:
 # CSV and plot
 # ----------------------------------------------------------------------------------------------------------------
 def read_stitch_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a stitch CSV over STITCH_COLUMNS ("" for absent columns); [] when missing; an unknown header is an
-    error naming the file."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        unknown = [c for c in header if c not in STITCH_COLUMNS]
-        if header and (ROW_KEY not in header or unknown):
-            raise StitchError(f"{path} is not a bench.stitch CSV (unknown columns {unknown} or no {ROW_KEY}); move "
-                              f"it aside")
-        rows = []
-        for line in reader:
-            if None in line or any(v is None for v in line.values()):
-                raise StitchError(f"{path}, line {reader.line_num}: wrong number of fields; fix or move the file "
-                                  f"aside (rerunning recomputes missing rows)")
-            rows.append({c: line.get(c, "") for c in STITCH_COLUMNS})
-    return rows
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    text = repr(float(value)) if isinstance(value, float) else str(value)
-    return text.replace("\r", " ").replace("\n", " ")
+    """Rows of a stitch CSV over STITCH_COLUMNS ("" for absent columns); [] when missing; a malformed or foreign
+    file is a :class:`StitchError` naming the file and line (bench.results_csv's validating reader)."""
+    try:
+        return read_rows(path, STITCH_COLUMNS, ROW_KEY, "bench.stitch.STITCH_COLUMNS")
+    except ResultsCSVError as e:
+        raise StitchError(f"{e}; fix or move the file aside (rerunning recomputes missing rows)") from None
 
 
 def upsert_stitch_row(path: str | Path, row: dict[str, Any]) -> None:
-    """Insert or replace (same ``row_key``) one row, rewriting the file atomically under its lock."""
-    from bench.results_csv import locked
-    from runio.files import atomic_write_text
-
-    unknown = sorted(set(row) - set(STITCH_COLUMNS))
-    if unknown:
-        raise KeyError(f"columns {unknown} are not in bench.stitch.STITCH_COLUMNS")
-    new = {c: _cell(row.get(c)) for c in STITCH_COLUMNS}
-    path = Path(path)
-    with locked(path):
-        rows = read_stitch_rows(path)
-        for i, old in enumerate(rows):
-            if old[ROW_KEY] == new[ROW_KEY]:
-                rows[i] = new
-                break
-        else:
-            rows.append(new)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=STITCH_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, buf.getvalue())
+    """Insert or replace (by its row key) one fraction's row, atomically under the file's lock."""
+    try:
+        upsert_row(path, row, ROW_KEY, STITCH_COLUMNS, "bench.stitch.STITCH_COLUMNS")
+    except ResultsCSVError as e:
+        raise StitchError(f"{e}; fix or move the file aside (rerunning recomputes missing rows)") from None
 
 
 def plot_stitch(rows: list[dict[str, Any]], out_stem: str | Path) -> list[Path]:
