@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install test test-slow demo fashion-mnist browser scaling-plots tokens lint clean
+.PHONY: install test test-slow test-gpu demo fashion-mnist browser scaling-plots tokens lint clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ test: install browser
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The CUDA checks (tests/test_gpu.py); -rs lists every skip with its reason (no CUDA, one GPU, no flash-attn).
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -rs
 
 # Debian ships the real Fashion-MNIST idx files; install them when we can (root or sudo), else use dataset.root.
 fashion-mnist:
