@@ -6,6 +6,7 @@ single-process path is the same code. NCCL on CUDA, gloo on the CPU.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,15 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size)
+        atexit.register(_leave_group)
     return World(rank, size, local_rank), device
+
+
+def _leave_group() -> None:
+    """Tear the process group down before interpreter shutdown: a gloo group left to static destructors can
+    abort the process at exit ("terminate called without an active exception") after all work succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast(obj: Any, world: World) -> Any:
