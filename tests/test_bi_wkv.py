@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import make_inputs
 
-from backbones.kernels import bi_wkv, bi_wkv_reference, bi_wkv_torch, resolve_impl
+from backbones.kernels import bi_wkv, bi_wkv_reference, bi_wkv_torch, resolve_impl, wkv_torch
 from backbones.kernels.wkv_torch import default_chunk
 from backbones.opcount import OP_MACS
 
@@ -185,6 +185,130 @@ def test_input_validation():
 def test_auto_dispatch():
     assert resolve_impl("auto", torch.device("cpu")) == "torch"
     assert resolve_impl("auto", torch.device("cuda")) == "triton"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory of the PyTorch path: it saves only w, u, k, v and its backward recomputes the scan per block of channels
+# (wkv_torch._BLOCK_ELEMENTS elements at most). The "blocks" case forces blocks of 2 channels on small inputs (C = 5
+# or 6: the last block narrower when C is odd).
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(params=["one_block", "blocks"])
+def channel_blocks(request, monkeypatch):
+    """Call with (B, T, C, S) before running the torch path: sets the block size (S: the chunk, T padded to it)."""
+
+    def setup(B: int, T: int, C: int, S: int) -> None:
+        if request.param == "blocks":
+            monkeypatch.setattr(wkv_torch, "_BLOCK_ELEMENTS", 2 * B * (T + -T % S))
+            assert len(wkv_torch._channel_blocks(B, T, C, S)) == (C + 1) // 2
+
+    return setup
+
+
+@pytest.mark.parametrize("T,chunk", [(1, None), (2, None), (7, 3), (100, 7), (257, None)])
+def test_torch_float64_matches_reference_exactly(channel_blocks, T, chunk):
+    """float64 values and all four gradients equal the dense reference's to rounding, with one or several channel
+    blocks: T = 1, a partial last chunk (T = 7 with chunk 3; T = 100 with chunk 7; T = 257: chunk 17, 15 + 2),
+    keys with per-channel offsets of +-100 and spikes of +30 (large_k: e^k overflows without max subtraction)."""
+    B, C = 2, 5
+    w, u, k, v = make_inputs(T, B, C, "large_k", seed=3, dtype=torch.float64)
+    gy = torch.randn(B, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    channel_blocks(B, T, C, chunk or default_chunk(T, w))
+    xs = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    y = bi_wkv(*xs, impl="torch") if chunk is None else bi_wkv_torch(*xs, chunk=chunk)
+    grads = torch.autograd.grad(y, xs, gy)
+    refs = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    y_ref = bi_wkv_reference(*refs)
+    grads_ref = torch.autograd.grad(y_ref, refs, gy)
+    floor = 1e-2 * gy.abs().max().item() * max(1.0, v.abs().max().item())  # for gradients that are exactly 0
+    assert rel_err(y, y_ref) <= 1e-13
+    errors = [rel_err(g, r, floor) for g, r in zip(grads, grads_ref)]
+    assert max(errors) <= 1e-12, errors
+
+
+def test_torch_gradients_of_a_subset_of_inputs(channel_blocks):
+    """Only k requiring grad (w, u, v constants): the backward skips the other gradients, dk is unchanged."""
+    w, u, k, v = make_inputs(40, 2, 6, "large_k", dtype=torch.float64)
+    channel_blocks(2, 40, 6, default_chunk(40, w))
+    gy = torch.randn_like(k)
+    xs = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    dk_all = torch.autograd.grad(bi_wkv(*xs, impl="torch"), xs, gy)[2]
+    kk = k.clone().requires_grad_()
+    (dk,) = torch.autograd.grad(bi_wkv(w, u, kk, v, impl="torch"), kk, gy)
+    assert rel_err(dk, dk_all) <= 1e-14
+
+
+def test_torch_half_inputs_blocks(channel_blocks):
+    """bf16 k, v with fp32 w, u (as under autocast): gradients in the inputs' dtypes and equal to fp32's on the same
+    rounded values up to the bf16 rounding of dk, dv."""
+    w, u, k, v = make_inputs(64, 2, 8)
+    channel_blocks(2, 64, 8, default_chunk(64, w))
+    gy = torch.randn(2, 64, 8).bfloat16()
+    xs = [w.clone().requires_grad_(), u.clone().requires_grad_(), k.bfloat16().requires_grad_(),
+          v.bfloat16().requires_grad_()]
+    grads = torch.autograd.grad(bi_wkv(*xs, impl="torch"), xs, gy)
+    assert [g.dtype for g in grads] == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+    x32 = [x.detach().float().requires_grad_() for x in xs]
+    for g, r in zip(grads, torch.autograd.grad(bi_wkv(*x32, impl="torch"), x32, gy.float())):
+        assert rel_err(g, r) <= 8e-3
+
+
+def saved_bytes(fn, *xs) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of fn(*xs) (saved_tensors_hooks)."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*xs)
+    return sum(storages.values())
+
+
+def test_torch_path_saves_only_its_inputs(monkeypatch):
+    """T = 4096 (4 channel blocks): what the forward keeps for the backward is w, u, k, v themselves, nothing of
+    size T * C more (autograd through the scan's operations would keep some fourteen tensors of k's size)."""
+    B, T, C = 1, 4096, 32
+    monkeypatch.setattr(wkv_torch, "_BLOCK_ELEMENTS", B * T * C // 4)
+    xs = [x.requires_grad_() for x in make_inputs(T, B, C)]
+    assert len(wkv_torch._channel_blocks(B, T, C, default_chunk(T, xs[0]))) == 4
+    assert saved_bytes(lambda *a: bi_wkv(*a, impl="torch"), *xs) <= sum(x.nbytes for x in xs)
+
+
+class _WKVOnly(torch.nn.Module):
+    """bi_wkv alone as a bench.tokens mixer: k = v = x."""
+
+    def __init__(self, width: int, grid_h: int, grid_w: int):
+        super().__init__()
+        w, u, _, _ = make_inputs(grid_h * grid_w, 1, width)
+        self.w, self.u = torch.nn.Parameter(w), torch.nn.Parameter(u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bi_wkv(self.w, self.u, x, x, impl="torch")
+
+
+def test_torch_path_peak_memory_is_per_block(monkeypatch):
+    """Peak extra memory of forward + backward by bench.tokens' own method, with 4 channel blocks: about 9 times
+    x's size (y, dk, dv, the gradients' sum and one block's recomputed graph); without blocks (or with autograd
+    through the whole scan) about 20."""
+    from bench.tokens import Point
+
+    T, C = 64, 32
+    monkeypatch.setattr(wkv_torch, "_BLOCK_ELEMENTS", T * C // 4)
+    point = Point(_WKVOnly, T, C, 1, torch.device("cpu"))
+    mb, method = point.peak_memory_mb()
+    if not method.startswith("torch_profiler"):
+        pytest.skip(f"no CPU memory timeline: {method}")
+    ratio = mb * 2**20 / point.x.nbytes
+    assert ratio <= 12, ratio
+
+
+def test_torch_path_is_once_differentiable():
+    """Double backward is not supported: it raises instead of silently returning wrong second derivatives."""
+    xs = [x.requires_grad_() for x in make_inputs(9, 1, 3)]
+    (gk,) = torch.autograd.grad(bi_wkv(*xs, impl="torch").square().sum(), xs[2], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gk.sum().backward()
 
 
 # --------------------------------------------------------------------------------------------------------------
