@@ -27,9 +27,7 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
-def git_commit() -> str:
-    """Short commit of the code that runs, with ``-dirty`` when tracked files differ from it ("unknown" outside
-    a git checkout)."""
+def _read_git_commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=_REPO, timeout=10).stdout.strip()
 
@@ -40,6 +38,17 @@ def git_commit() -> str:
         return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except Exception:
         return "unknown"
+
+
+# Read once, when the code is loaded: a sweep that runs for hours records the commit it started from, not
+# whatever was committed (or edited) in the checkout while it ran.
+_GIT_COMMIT_AT_IMPORT = _read_git_commit()
+
+
+def git_commit() -> str:
+    """Short commit of the code that runs, with ``-dirty`` when tracked files differed from it when this process
+    loaded it ("unknown" outside a git checkout)."""
+    return _GIT_COMMIT_AT_IMPORT
 
 
 def _release_freed_memory() -> None:

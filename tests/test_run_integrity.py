@@ -220,3 +220,18 @@ def test_peak_memory_is_not_hidden_by_memory_freed_earlier_in_the_process(tmp_pa
     first = train(train_config(tmp_path / "a", overrides))["peak_mem_mb"]
     second = train(train_config(tmp_path / "b", overrides))["peak_mem_mb"]
     assert first > 50 and second > 0.75 * first, (first, second)
+
+
+def test_git_commit_is_the_one_the_process_loaded_not_the_checkouts_current(monkeypatch):
+    """A sweep records the commit of the code it runs: commits made while it runs must not change its rows."""
+    import runio.env
+
+    loaded = runio.env.git_commit()
+    assert loaded == "unknown" or loaded.split("-")[0] == runio.env._read_git_commit().split("-")[0]
+
+    def moved_on(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, stdout="abc1234\n", stderr="")
+
+    monkeypatch.setattr(runio.env.subprocess, "run", moved_on)  # the checkout is now at another commit
+    assert runio.env._read_git_commit() == "abc1234-dirty"
+    assert runio.env.git_commit() == loaded
