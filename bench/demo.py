@@ -1,7 +1,7 @@
 """`make demo`: the CPU sweep over every backbone on 16x16 Fashion-MNIST, its plots, and a comparison with the
 published reference results.
 
-    python -m bench.demo                          # conf/bench.yaml + conf/sweep/cpu.yaml (10 points)
+    python -m bench.demo                          # conf/bench.yaml + conf/sweep/cpu.yaml (12 points)
     python -m bench.demo train.steps=100          # any bench.sweep override (a new recipe: new rows)
     python -m bench.demo --help
 

@@ -27,9 +27,9 @@ CONVENTION = "forward GMACs, batch 1, one network evaluation (no CFG doubling), 
 # Ops that are free under the convention (elementwise, shape, indexing, reductions of O(size) work): exactly the
 # ones the registered backbones use. A new operator fails loudly until it is counted or deliberately listed here.
 ZERO_COST_OPS = {
-    "aten::add", "aten::cos", "aten::div", "aten::embedding", "aten::exp", "aten::gelu", "aten::lerp", "aten::mean",
-    "aten::mul", "aten::pad", "aten::pixel_shuffle", "aten::pixel_unshuffle", "aten::pow", "aten::reciprocal",
-    "aten::sigmoid", "aten::silu", "aten::sin", "aten::sqrt", "aten::square", "aten::sub",
+    "aten::add", "aten::cos", "aten::div", "aten::embedding", "aten::exp", "aten::flip", "aten::gelu", "aten::lerp",
+    "aten::mean", "aten::mul", "aten::neg", "aten::pad", "aten::pixel_shuffle", "aten::pixel_unshuffle", "aten::pow",
+    "aten::reciprocal", "aten::sigmoid", "aten::silu", "aten::sin", "aten::sqrt", "aten::square", "aten::sub",
 }
 
 

@@ -23,6 +23,7 @@ SMOKE_KWARGS = {
     "rwkv": dict(size="S", depth=3, hidden_size=32),
     "dico": dict(size="S", hidden_size=16, depth=5),
     "dimr": dict(size="S/2R", depth=3, hidden_size=32, num_heads=2),  # ~55k params on digits
+    "dis": dict(size="S", depth=2, hidden_size=32),  # 3 blocks, ~55k params on digits
 }
 
 

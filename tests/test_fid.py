@@ -337,7 +337,9 @@ def test_published_point_keys_are_unchanged(tmp_path):
     dataset = load_from_config(cfg.dataset, "train")
     with open(REPO / "results" / "published" / "fashion_mnist" / "runs.csv") as f:
         published = list(csv.DictReader(f))
-    points = [(n, dict(p)) for n in cfg.sweep.points for p in cfg.sweep.points[n]]
+    # backbones added after the published run (dis) have grid points but no published rows yet
+    published_backbones = {row["backbone"] for row in published}
+    points = [(n, dict(p)) for n in cfg.sweep.points if n in published_backbones for p in cfg.sweep.points[n]]
     assert len(points) == len(published) == 10
     for (name, overrides), row in zip(points, published):
         keys = sweep.point_keys(sweep.point_config(cfg, name, overrides), dataset)

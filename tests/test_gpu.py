@@ -11,6 +11,8 @@ reason "no CUDA device: torch.cuda.is_available() is False", and the default run
 4. DDP on NCCL (two or more GPUs): a 2-process torchrun training equals the 1-process training.
 5. ``bench.throughput`` (when it exists): --help and a tiny CUDA run.
 6. ``sample_images`` on CUDA equals the CPU result (the noise is drawn on CPU generators on both).
+7. Mamba kernels (DiS): the selective scan (Triton kernels; mamba_ssm's CUDA kernel when installed) and the causal
+   conv1d (PyTorch on CUDA; the causal_conv1d package when installed) against their float64 references.
 
 Errors are norm-wise as in test_bi_wkv.py: max|x - ref| / max|ref|.
 """
@@ -358,3 +360,91 @@ def test_sampling_on_cuda_equals_cpu(sampler, cfg_scale, no_tf32):
     assert out.shape == cpu.shape == (12, 1, 8, 8) and out.device.type == "cpu" and torch.isfinite(out).all()
     assert (out - cpu).abs().max().item() <= SAMPLE_ATOL
     assert cpu.std() > 0.1  # not a constant (e.g. fully clipped) image: a real comparison
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Mamba kernels (DiS): selective scan and causal conv1d
+# --------------------------------------------------------------------------------------------------------------
+# The tolerances of tests/test_selective_scan.py for our Triton kernels (fp32 accumulation like the interpreted
+# runs). mamba_ssm's kernel is external (exp2-based, chunked, atomics in its backward): 1e-4 / 1e-3. Its backward
+# ignores the last state's cotangent, so none is given to it. (batch, D, N, L, groups, kind, use, softplus)
+SCAN_CASES = [(2, 3, 5, 1, 0, "normal", "Dzb", True), (2, 64, 16, 256, 0, "normal", "Dzb", True),
+              (1, 48, 16, 300, 2, "mixed", "Dzb", True), (2, 40, 4, 1000, 0, "tiny", "D", False),
+              (1, 33, 16, 77, 0, "huge", "z", True), (1, 8, 16, 4096, 0, "normal", "Dzb", True)]
+MAMBA_TOL = (1e-4, 1e-3)
+
+
+def _scan_impl(impl: str):
+    from backbones.kernels import selective_scan
+
+    return lambda *a, **kw: selective_scan(*a, **kw, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_selective_scan_on_cuda_matches_float64_reference(impl, case):
+    from test_selective_scan import FWD_TOL as SCAN_FWD_TOL
+    from test_selective_scan import GRAD_TOL as SCAN_GRAD_TOL
+    from test_selective_scan import compare, scan_inputs
+
+    if impl == "cuda" and importlib.util.find_spec("mamba_ssm") is None:
+        pytest.skip("mamba_ssm not installed")
+    batch, Dm, N, L, groups, kind, use, softplus = case
+    xs = [None if x is None else x.to(device()) for x in scan_inputs(batch, Dm, N, L, groups, kind, use, softplus)]
+    fwd, last, grads = compare(_scan_impl(impl), xs, softplus, last_grad=impl == "triton")
+    fwd_tol, grad_tol = (SCAN_FWD_TOL, SCAN_GRAD_TOL) if impl == "triton" else MAMBA_TOL
+    assert fwd <= fwd_tol, fwd
+    assert max(last, *grads.values()) <= grad_tol, (last, grads)
+
+
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_selective_scan_bf16_on_cuda(impl):
+    """bf16 u, delta, B, C, z (fp32 A, D, delta_bias, as Vim passes them under autocast): y in bf16 within 8e-3."""
+    from test_selective_scan import NAMES, rel_err, scan_inputs
+
+    if impl == "cuda" and importlib.util.find_spec("mamba_ssm") is None:
+        pytest.skip("mamba_ssm not installed")
+    xs = scan_inputs(2, 64, 16, 256)
+    xb = [x.to(device()) if name in ("A", "D", "delta_bias") else x.to(device(), torch.bfloat16)
+          for name, x in zip(NAMES, xs)]
+    y, last = _scan_impl(impl)(*xb, delta_softplus=True, return_last_state=True)
+    y64, last64 = _scan_impl("reference")(*(x.double() for x in xb), delta_softplus=True, return_last_state=True)
+    assert y.dtype == torch.bfloat16 and last.dtype == torch.float32
+    assert rel_err(y.cpu(), y64.cpu()) <= BF16_TOL and rel_err(last.cpu(), last64.cpu()) <= 1e-3
+
+
+def test_selective_scan_auto_dispatch_on_cuda():
+    from test_selective_scan import scan_inputs
+
+    from backbones.kernels.selective_scan import resolve_scan_impl
+
+    xs = [x.to(device()) for x in scan_inputs(2, 16, 8, 64)]
+    expected = "cuda" if importlib.util.find_spec("mamba_ssm") is not None else "triton"
+    assert resolve_scan_impl("auto", xs[0]) == expected
+    assert resolve_scan_impl("auto", xs[0].double()) == "triton"  # mamba_ssm has no fp64 kernel
+    assert torch.equal(_scan_impl("auto")(*xs, delta_softplus=True), _scan_impl(expected)(*xs, delta_softplus=True))
+
+
+@pytest.mark.parametrize("impl", ["torch", "cuda"])
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_conv1d_on_cuda_matches_float64_reference(impl, W, dtype, no_tf32):
+    from backbones.kernels import causal_conv1d
+    from backbones.kernels.causal_conv1d import causal_conv1d_reference
+
+    if impl == "cuda" and importlib.util.find_spec("causal_conv1d") is None:
+        pytest.skip("causal_conv1d not installed")
+    g = torch.Generator().manual_seed(W)
+    x, w, b = torch.randn(2, 64, 300, generator=g), torch.randn(64, W, generator=g), torch.randn(64, generator=g)
+    x = x.to(dtype)
+    gy = torch.randn(2, 64, 300, generator=g)
+    for activation in (None, "silu"):
+        xs = [leaf(x), leaf(w, dtype), leaf(b, dtype)]
+        y = causal_conv1d(*xs, activation=activation, impl=impl)
+        grads = torch.autograd.grad(y, xs, gy.to(device(), dtype))
+        x64 = [leaf(t, torch.float64) for t in (x, w.to(dtype), b.to(dtype))]
+        y64 = causal_conv1d_reference(*x64, activation)
+        grads64 = torch.autograd.grad(y64, x64, gy.to(device(), dtype).double())
+        tol = 1e-5 if dtype == torch.float32 else BF16_TOL
+        assert y.dtype == dtype and rel_err(y, y64) <= tol
+        assert max(rel_err(a, r) for a, r in zip(grads, grads64)) <= (1e-4 if dtype == torch.float32 else 2e-2)

@@ -22,7 +22,11 @@ the kernel's weights on the channels with spatial_decay = -5.
 
 Implementations (``impl``) of the paper variant:
     "reference"  dense O(B T^2 C) softmax over log-weights; exact in float64; tests only.
-    "torch"      O(B T C) chunked scan in PyTorch, stable for any k (max-subtracted exponentials), CPU default.
+    "torch"      O(B T C) chunked scan in PyTorch, stable for any k (max-subtracted exponentials), CPU default. It
+                 saves only w, u, k, v for the backward, which recomputes the scan with autograd per block of
+                 channels (``wkv_torch._BiWKVScan``, at most 2^19 elements a block): bench.tokens' bi_wkv mixer at
+                 T = 16384, width 384 peaks at 313 MB instead of 625 MB (linear attention 337 MB), for one extra
+                 forward of the scan (mixer time +12% at T = 1024, +22% at 16384, measured under load).
     "triton"     Triton forward and backward kernels (sequential scans with running maxima, fp32 accumulation,
                  no limit on T); CUDA default; runs on CPU tensors under TRITON_INTERPRET=1.
     "auto"       "triton" for CUDA tensors when Triton is importable, else "torch".
@@ -34,12 +38,13 @@ variant is its last, string argument), counted as 6.5 MACs per token and channel
 channel of Vision-RWKV Eq. 6 (two decayed state updates with 2 multiply-adds each, the bonus term and the
 normalisation), at 1 MAC = 2 FLOPs as for the matmuls; the official variant is counted the same.
 
-Dispatch: in eager mode :func:`bi_wkv` calls the chosen implementation directly (autograd of the PyTorch ops, or
-the Triton autograd.Function that keeps y and the log-denominators for its backward kernel). Under tracing
+Dispatch: in eager mode :func:`bi_wkv` calls the chosen implementation directly (autograd of the PyTorch ops for
+the reference and the official variant, the scan's autograd.Function that keeps only the inputs for "torch", the
+Triton autograd.Function that keeps y and the log-denominators for its backward kernel). Under tracing
 (``torch.jit.trace``, as fvcore does) or ``torch.compile`` it goes through the custom op instead, so the graph holds
 one ``kernels::bi_wkv`` node. The custom op's autograd keeps only its inputs; its backward recomputes the chosen
 implementation with autograd enabled and differentiates it (activation checkpointing of the op). Both routes give
-identical values and gradients. Double backward is not supported by the Triton implementation.
+identical values and gradients. Double backward is not supported by the Triton and "torch" implementations.
 """
 
 from __future__ import annotations
@@ -47,11 +52,14 @@ from __future__ import annotations
 import torch
 
 from ..opcount import register_macs
+from .causal_conv1d import causal_conv1d  # Mamba (DiS) kernels: causal_conv1d.py, selective_scan.py
+from .selective_scan import selective_scan
 from .wkv_official import bi_wkv_official
 from .wkv_torch import bi_wkv_reference, bi_wkv_torch
 
 __all__ = ["bi_wkv", "bi_wkv_official", "bi_wkv_reference", "bi_wkv_torch", "bi_wkv_triton", "resolve_impl",
            "BI_WKV_IMPLS", "BI_WKV_VARIANTS"]
+__all__ += ["causal_conv1d", "selective_scan"]
 
 BI_WKV_IMPLS = ("auto", "reference", "torch", "triton")
 BI_WKV_VARIANTS = ("paper", "official")
