@@ -429,3 +429,46 @@ def test_fid_source_loads_nothing_unsafely():
             kw = {k.arg: k.value for k in node.keywords}
             assert ast.unparse(node.func) == "np.load" and isinstance(kw.get("allow_pickle"), ast.Constant) \
                 and kw["allow_pickle"].value is False, ast.unparse(node)
+
+
+def test_published_scaling_study_is_the_cpu_scaling_grid_at_both_seeds(tmp_path):
+    """results/published/scaling/fashion_mnist/runs.csv holds exactly conf/sweep/cpu_scaling.yaml's points (those of
+    the backbones it was run for) at seeds 0 and 1, under the keys the grid gives them today, all ok."""
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    fake_fashion_mnist(root)
+    cfg = compose("bench", [f"dataset.root={root}", "device=cpu", "sweep=cpu_scaling"])
+    dataset = load_from_config(cfg.dataset, "train")
+    with open(REPO / "results" / "published" / "scaling" / "fashion_mnist" / "runs.csv") as f:
+        published = {(r["point_key"]): r for r in csv.DictReader(f)}
+    backbones = {r["backbone"] for r in published.values()}
+    assert backbones == {"dit", "lit", "rwkv", "dico", "dimr"}  # dis was added after the study (not run yet)
+    points, skipped = sweep.expand_grid(cfg, sorted(backbones), dataset)
+    assert not skipped and len(points) == 20 and len(published) == 40
+    for seed in (0, 1):
+        for name, overrides in points:
+            keys = sweep.point_keys(sweep.point_config(cfg, name, overrides, seed=seed), dataset)
+            row = published[keys["point_key"]]
+            assert (row["run_key"], row["recipe_key"], row["seed"], row["status"]) == \
+                (keys["run_key"], keys["recipe_key"], str(seed), "ok"), (name, overrides, seed)
+
+
+def test_readme_scaling_table_is_the_published_csv():
+    """The README's scaling-study table shows exactly the published CSV: per point both seeds' metric and their mean."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Scaling study"):]
+    rows = re.findall(r"^\| (\w+) \| ([\d-]+) \| (\d+) \| [\d.]+M \| ([\d.]+) \| ([\d.]+) / ([\d.]+) \| ([\d.]+) \|",
+                      section, re.M)
+    with open(REPO / "results" / "published" / "scaling" / "fashion_mnist" / "runs.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(rows) == 20
+    for name, patch, width, gmacs, fd0, fd1, mean in rows:
+        patch = "" if patch == "-" else patch  # DiCo has no patch size
+        point = [r for r in csv_rows if (r["backbone"], r["width"], r["patch"]) == (name, width, patch)
+                 and f"{float(r['gmacs']):.4f}" == gmacs]
+        by_seed = {r["seed"]: float(r["metric_value"]) for r in point}
+        assert sorted(by_seed) == ["0", "1"], (name, patch, width)
+        assert (f"{by_seed['0']:.2f}", f"{by_seed['1']:.2f}") == (fd0, fd1)
+        assert f"{(by_seed['0'] + by_seed['1']) / 2:.2f}" == mean
