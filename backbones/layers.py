@@ -7,13 +7,15 @@ label dropout is the trainer's job (:func:`drop_labels`, once per batch), never 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 if TYPE_CHECKING:
     from diffusion.gaussian_diffusion import GaussianDiffusion
@@ -159,9 +161,26 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+# Opt-in (train.flash_attn): whether flash-attn runs must not depend on what happens to be installed, since it
+# rounds differently from SDPA and the run key records the choice
+_use_flash_attn = False
+
+
+@contextlib.contextmanager
+def flash_attention(enabled: bool = True) -> Iterator[None]:
+    """Within the block, :func:`attention` on CUDA half-precision inputs goes through flash-attn (installed: the
+    trainer checks ``train.flash_attn`` first); elsewhere, and outside the block, through SDPA."""
+    global _use_flash_attn
+    previous, _use_flash_attn = _use_flash_attn, enabled
+    try:
+        yield
+    finally:
+        _use_flash_attn = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention on (B, heads, T, head_dim); flash-attn on CUDA half precision when installed."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    """Softmax attention on (B, heads, T, head_dim): SDPA, or flash-attn inside :func:`flash_attention`."""
+    if _use_flash_attn and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_func()
         if flash is not None:
             return flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -182,7 +201,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2])
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients once, where three selects
+        # each zero-fill and copy into a full-size qkv gradient and add them (same values, ~3x the memory traffic)
+        out = attention(*qkv.unbind(0))
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -310,6 +331,37 @@ class DiffusionBackbone(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names to exclude from weight decay (timm convention)."""
         return set()
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The blocks ``train.grad_checkpoint`` recomputes in the backward: ``all_blocks()`` when the backbone
+        defines it, else its ``blocks`` list."""
+        if hasattr(self, "all_blocks"):
+            return list(self.all_blocks())
+        if isinstance(getattr(self, "blocks", None), nn.ModuleList):
+            return list(self.blocks)
+        raise NotImplementedError(f"{type(self).__name__} names no blocks for gradient checkpointing: define "
+                                  f"all_blocks() (or override set_grad_checkpointing)")
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Per-block activation checkpointing in training (``torch.utils.checkpoint``, non-reentrant, RNG state
+        preserved: the same numbers as without it, less memory, one more forward per block). Parameter names
+        and the state_dict are unchanged (the block's forward is wrapped on the instance)."""
+        for block in self.checkpoint_blocks():
+            block.__dict__.pop("forward", None)
+            if enabled:
+                block.forward = _CheckpointedForward(block.forward)
+
+
+class _CheckpointedForward:
+    """A block's bound forward, run under ``torch.utils.checkpoint`` when it trains with gradients."""
+
+    def __init__(self, forward: Any):
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.forward.__self__.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+        return self.forward(*args, **kwargs)
 
 
 def resolve_preset(presets: dict[str, dict], size: str, overrides: dict) -> dict:

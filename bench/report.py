@@ -169,6 +169,8 @@ def csv_kind(rel: Path) -> tuple[int, str]:
         return 3, "Stitching"
     if parts[0] == "tokens":
         return 4, "Token-mixer benchmarks"
+    if parts[0] == "throughput":
+        return 4, "Throughput benchmarks"
     return 5, "Other tables"
 
 

@@ -33,6 +33,7 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -98,23 +99,31 @@ class Point:
         return time.perf_counter() - t0
 
     def peak_memory_mb(self) -> tuple[float, str]:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            self.step()
-            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20, "cuda_max_memory_allocated"
-        try:
-            from torch.profiler import ProfilerActivity, profile
-            from torch.profiler._memory_profiler import MemoryProfileTimeline
+        return step_peak_memory_mb(self.step, self.device)
 
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                         with_stack=True) as prof:
-                self.step()
-            _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
-            totals = [sum(s) for s in sizes]
-            return (max(totals) - totals[0]) / 2**20, "torch_profiler_live_tensor_bytes"
-        except Exception as err:  # private profiler API: record why instead of failing the whole benchmark
-            return float("nan"), f"unavailable ({type(err).__name__})"
+
+def step_peak_memory_mb(step: Callable[[], object], device: torch.device) -> tuple[float, str]:
+    """(MB, method): the largest extra memory of one call of ``step`` above what exists before it (see the module
+    docstring); bench.throughput measures its training step with it too."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "cuda_max_memory_allocated"
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            step()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+        totals = [sum(s) for s in sizes]
+        return (max(totals) - totals[0]) / 2**20, "torch_profiler_live_tensor_bytes"
+    except Exception as err:  # private profiler API: record why instead of failing the whole benchmark
+        return float("nan"), f"unavailable ({type(err).__name__})"
 
 
 def predict_step_s(history: list[tuple[int, float]], tokens: int) -> float | None:

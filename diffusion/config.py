@@ -94,6 +94,14 @@ class TrainConfig:
     precision: Precision = Precision.auto
     log_every: int = 10
     ckpt_every: int = 100
+    # Speed switches (README "Throughput"). Those that change the numerics enter the run key when on (so runs with
+    # and without them never share a key or a row); grad_checkpoint is exact and only recorded in the history.
+    compile: bool = False           # torch.compile the backbone (inductor; CPU needs a C++ compiler)
+    channels_last: bool = False     # NHWC memory format for the backbone's convolutions and its input
+    fused_adamw: bool = False       # AdamW(fused=True): one kernel per step instead of a loop of elementwise ops
+    tf32: bool = False              # TF32 matmuls and convolutions (CUDA only; false = true fp32 there too)
+    flash_attn: bool = False        # softmax attention through flash-attn (CUDA, bf16; the optional `cuda` extra)
+    grad_checkpoint: bool = False   # recompute each block's activations in the backward: memory for time, exact
 
 
 @dataclass
@@ -327,6 +335,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check(0 <= t.ema_decay <= 1, "train.ema_decay", t.ema_decay, "in [0, 1]")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     _check(t.ckpt_every >= 1, "train.ckpt_every", t.ckpt_every, "an integer >= 1")
+    check_switches(t, cfg.device)
     s = cfg.sample
     _check(s.per_class >= 0, "sample.per_class", s.per_class, "an integer >= 0 (0 = no samples)")
     _check(s.steps >= 1, "sample.steps", s.steps, "an integer >= 1")
@@ -387,6 +396,31 @@ def validate_sweep(sweep: DictConfig) -> None:
         _check(s >= 0, "sweep.seeds", seeds, "a list of distinct integers >= 0 ([] = the config's seed)")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"sweep.seeds={seeds} lists a seed twice; each seed is one run of every point")
+
+
+class SwitchUnavailable(ConfigError):
+    """A speed switch this device or installation cannot run (TF32 or flash-attn without CUDA, ...)."""
+
+
+def check_switches(train: Any, device: str) -> None:
+    """The CUDA-only speed switches on a machine or device without CUDA are errors, never silently ignored: they
+    are part of the run key, so a run keyed TF32 must really have used TF32."""
+    import importlib.util
+
+    import torch
+
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if train.tf32 and not on_cuda:
+        raise SwitchUnavailable(f"train.tf32=true applies to CUDA only (device={device}); remove it on this machine")
+    if train.flash_attn:
+        if not on_cuda:
+            raise SwitchUnavailable(f"train.flash_attn=true needs CUDA (device={device}); remove it: attention then "
+                                    f"runs through torch's scaled_dot_product_attention")
+        if str(getattr(train.precision, "value", train.precision)) == "fp32":
+            raise ConfigError("train.flash_attn=true needs half precision (flash-attn has no fp32 kernel); set "
+                              "train.precision=bf16 or auto")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise SwitchUnavailable("train.flash_attn=true: flash-attn is not installed (pip install -e '.[cuda]')")
 
 
 def check_cfg_scale(value: float, key: str = "cfg_scale") -> None:

@@ -2,9 +2,10 @@
 
 A run's **key** is a readable prefix plus a hash of everything that determines its training trajectory: the
 backbone's resolved constructor arguments (data shape included), the dataset, the diffusion, the training recipe
-(``train.*`` except the stopping point ``steps`` and the logging cadence), the seed, weight inheritance and
-distillation. ``train.steps`` is not part of it: with a constant learning rate a run of N steps is the prefix of a
-longer one, so extending a run is a resume, not a new recipe. The device, thread count and progress bars are
+(``train.*`` except the stopping point ``steps``, the logging cadence and the exact ``grad_checkpoint``; a
+speed switch that changes the numerics only when on), the seed, weight inheritance and distillation.
+``train.steps`` is not part of it: with a constant learning rate a run of N steps is the prefix of a longer one, so
+extending a run is a resume, not a new recipe. The device, thread count and progress bars are
 recorded in the run's history, not keyed.
 
 Run directory::
@@ -36,7 +37,11 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ["step", "loss", "mse", "vb", "aux", "distill", "grad_norm", "img_per_s", "elapsed_s", "session"]
-UNKEYED_TRAIN_KEYS = ("steps", "log_every", "ckpt_every")
+# grad_checkpoint recomputes the same activations with the same RNG state: bit-identical steps, so not keyed
+UNKEYED_TRAIN_KEYS = ("steps", "log_every", "ckpt_every", "grad_checkpoint")
+# Speed switches that change the numerics (another kernel, rounding or accumulation order): keyed only when on, so
+# the keys of every run without them (results/published included) hold
+KEYED_SWITCHES = ("compile", "channels_last", "fused_adamw", "tf32", "flash_attn")
 
 
 class RunExistsError(FileExistsError):
@@ -74,7 +79,8 @@ def run_identity(plain_cfg: dict, backbone_kwargs: dict, precision: str, dataset
                  ) -> dict:
     """Everything that determines a run's trajectory (see module docstring); ``plain_cfg`` is the resolved config,
     ``dataset_identity`` what the dataset adds (its crop protocol, the VAE of latents; see ``Dataset.identity``)."""
-    train = {k: v for k, v in plain_cfg["train"].items() if k not in UNKEYED_TRAIN_KEYS}
+    train = {k: v for k, v in plain_cfg["train"].items()
+             if k not in UNKEYED_TRAIN_KEYS and not (k in KEYED_SWITCHES and not v)}
     train["precision"] = precision  # the effective one: auto resolves per device
     distill = plain_cfg.get("distill") or {}
     return {

@@ -35,7 +35,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import backbones
-from backbones.layers import count_parameters, drop_labels
+from backbones.layers import count_parameters, drop_labels, flash_attention
 from diffusion import create_diffusion
 from diffusion.config import ConfigError, to_plain, validate
 from diffusion.data import Dataset, batch_loader, load_from_config
@@ -125,9 +125,14 @@ def inherit_weights(model: nn.Module, source: str | os.PathLike) -> dict:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * param for every parameter (frozen ones too, as DiT's train.py), paired by
+    name; the same two roundings as DiT's per-tensor ``mul_(decay).add_(param, alpha=1 - decay)``, as two
+    multi-tensor ops instead of a Python loop of 2 x (number of tensors) ops."""
     ema_params = OrderedDict(ema.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+    names = [name for name, _ in model.named_parameters()]
+    targets = [ema_params[name] for name in names]
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, [p.detach() for p in model.parameters()], alpha=1 - decay)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -135,8 +140,9 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; parameters the backbone lists in ``no_weight_decay()`` (and 1-D tensors) get no decay."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW; parameters the backbone lists in ``no_weight_decay()`` (and 1-D tensors) get no decay. ``fused``:
+    torch's one-kernel AdamW (train.fused_adamw; rounds differently from the default per-tensor loop)."""
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -144,7 +150,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
             continue
         (no_decay if name in skip or p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, **({"fused": True} if fused else {}))
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -157,6 +163,27 @@ def effective_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
+
+
+SWITCHES = ("compile", "channels_last", "fused_adamw", "tf32", "flash_attn", "grad_checkpoint")
+
+
+def switches_on(train_cfg: Any) -> list[str]:
+    """The speed switches (train.compile, ...) a config turns on, in a fixed order."""
+    return [name for name in SWITCHES if train_cfg.get(name)]
+
+
+def apply_switches(model: nn.Module, train_cfg: Any, device: torch.device) -> None:
+    """What the switches change on the model and the process, before training: TF32 (set either way on CUDA, so a
+    previous run in the process cannot leak it), channels_last, per-block checkpointing; compile comes last, after
+    the EMA copy (see build_run). flash-attn and the channels_last input are applied per step by train_step."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(train_cfg.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(train_cfg.tf32)
+    if train_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if train_cfg.grad_checkpoint:
+        model.set_grad_checkpointing(True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,9 +227,11 @@ def _load_data(cfg: DictConfig) -> Dataset:
         raise ConfigError(str(e)) from None
 
 
-def build_run(cfg: DictConfig) -> Run:
+def build_run(cfg: DictConfig, dataset: Dataset | None = None) -> Run:
     """Everything a training session needs, from a validated config: fresh (a new run directory) or resumed
-    (``cfg.resume``: the checkpoint's identity must match unless ``allow_changes`` lists the difference)."""
+    (``cfg.resume``: the checkpoint's identity must match unless ``allow_changes`` lists the difference).
+    ``dataset`` replaces the one ``cfg.dataset`` names (in-memory data: bench.throughput); its name and identity
+    are then the run's."""
     cfg = validate(cfg)
     world, device = init_world(resolve_device(cfg.device))
     if cfg.train.batch_size % world.size:
@@ -216,10 +245,13 @@ def build_run(cfg: DictConfig) -> Run:
         resume_path = Path(cfg.resume).resolve()  # runs/<dataset>/latest is a symlink
         run_dir = resume_path if resume_path.is_dir() else resume_path.parent.parent
 
-    dataset = _load_data(cfg)
+    plain = to_plain(cfg)
+    if dataset is None:
+        dataset = _load_data(cfg)
+    else:  # keyed by its own name (a loaded dataset's may differ from its config name: keys stay as they were)
+        plain["dataset"]["name"] = dataset.name
     kwargs = backbone_kwargs(cfg.backbone, dataset, cfg.train.class_dropout_prob, cfg.diffusion.learn_sigma,
                              cfg.diffusion.diffusion_steps)
-    plain = to_plain(cfg)
     identity = run_identity(plain, kwargs, effective_precision(plain["train"]["precision"], device),
                             dataset.identity())
     key = run_key(identity)
@@ -238,8 +270,9 @@ def build_run(cfg: DictConfig) -> Run:
         log.info("init_from %s: loaded %d tensors, kept %d fresh: %s", cfg.init_from, len(report["loaded"]),
                  len(report["fresh"]), report["fresh"][:12])
     model.to(device)
+    apply_switches(model, cfg.train, device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, fused=cfg.train.fused_adamw)
     diffusion = create_diffusion("", noise_schedule=str(to_plain(cfg.diffusion)["noise_schedule"]),
                                  learn_sigma=cfg.diffusion.learn_sigma, diffusion_steps=cfg.diffusion.diffusion_steps)
     teacher = None
@@ -256,6 +289,7 @@ def build_run(cfg: DictConfig) -> Run:
         opt.load_state_dict(resume_ckpt["opt"])
         for group, wd in zip(opt.param_groups, (cfg.train.weight_decay, 0.0)):  # a changed recipe really applies
             group["lr"], group["weight_decay"] = cfg.train.lr, wd
+            group["fused"] = True if cfg.train.fused_adamw else None
         step = int(resume_ckpt["step"])
         history = list(resume_ckpt["config"].get("history") or [])
         created = False
@@ -273,7 +307,10 @@ def build_run(cfg: DictConfig) -> Run:
         created = world.is_main
     history.append({"session": len(history) + 1, "started": now_text(), "start_step": step, "end_step": step,
                     "target_steps": int(cfg.train.steps), "git_commit": git_commit(), "device": device_name(device),
-                    "torch": str(torch.__version__), "changes": {k: list(v) for k, v in changes.items()}})
+                    "torch": str(torch.__version__), "changes": {k: list(v) for k, v in changes.items()},
+                    "switches": switches_on(cfg.train)})
+    if cfg.train.compile:  # the EMA (sampling) stays eager; nn.Module.compile keeps the state_dict's names
+        model.compile()
     loss_module: nn.Module = _TrainingLoss(model, diffusion)
     if world.distributed:
         loss_module = torch.nn.parallel.DistributedDataParallel(
@@ -319,7 +356,12 @@ def save_checkpoint(run: Run) -> None:
 
 
 def train_step(run: Run) -> dict[str, float]:
-    """One optimisation step at ``run.step`` (then incremented); returns the logged metrics."""
+    """One optimisation step at ``run.step`` (then incremented); returns the logged metrics.
+
+    One host synchronisation per step (DiT's train.py has one, ``loss.item()``): the loss terms and the gradient
+    norm come back together, before the optimizer step, so a non-finite loss or gradient still stops the run with
+    the weights of the previous step. Under torchrun the loss is also checked on every rank before the backward (a
+    rank that raised there would leave the others waiting in DDP's gradient all-reduce)."""
     cfg, tc, model = run.cfg, run.cfg.train, run.model
     x, y = next(run.batches)  # this rank's slice of the global batch of this step
     # Everything random is drawn for the GLOBAL batch from (seed, step), then sliced: the same whatever the
@@ -338,9 +380,11 @@ def train_step(run: Run) -> dict[str, float]:
     x = run.dataset.model_input(x, flip, posterior_noise)
     torch.manual_seed(seed + run.world.rank)  # randomness inside the model (drop-path), per rank
     x, y, t, noise = (v.to(run.device, non_blocking=True) for v in (x, y, t, noise))
+    if tc.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     precision = run.identity["train"]["precision"]
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast:
+    with autocast, flash_attention(bool(tc.flash_attn)):
         terms = run.loss_module(x, t, y, noise)
         loss = terms["loss"]
         distill = None
@@ -353,22 +397,32 @@ def train_step(run: Run) -> dict[str, float]:
                                                cfg.distill.lambda_eps, cfg.distill.lambda_var)
             loss = loss + distill
         loss = loss.mean()
-    if not all_ranks_ok(bool(torch.isfinite(loss)), run.world, run.device):  # one rank's NaN stops them all
+    if run.world.distributed and not all_ranks_ok(bool(torch.isfinite(loss)), run.world, run.device):
         raise DivergenceError(_divergence_message(run, f"non-finite loss ({loss.item()} on rank {run.world.rank})"))
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
+    with flash_attention(bool(tc.flash_attn)):  # checkpointed blocks recompute their forward in here
+        loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if tc.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    else:  # the norm alone, for the log: clip_grad_norm_ would also rescale every gradient by 1
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    zero = loss.new_zeros(())
+    aux = terms.get("aux")
+    terms_mean = mean_over_ranks(torch.stack([loss.detach(), terms["mse"].detach().mean(),
+                                              terms["vb"].detach().mean(),
+                                              aux.detach().mean() if aux is not None else zero,
+                                              distill.detach().mean() if distill is not None else zero]).float(),
+                                 run.world)
+    *values, own_loss, grad_norm = torch.cat([terms_mean, loss.detach().float().reshape(1),
+                                              grad_norm.detach().float().reshape(1).to(terms_mean.device)]).tolist()
+    if not math.isfinite(own_loss):
+        raise DivergenceError(_divergence_message(run, f"non-finite loss ({own_loss} on rank {run.world.rank})"))
     if not math.isfinite(grad_norm):
         raise DivergenceError(_divergence_message(run, "non-finite gradient norm"))
     run.opt.step()
     update_ema(run.ema, model, ema_decay_at(run.step, tc.ema_decay, tc.ema_warmup))
     run.step += 1
-    zero = loss.new_zeros(())
-    aux = terms.get("aux")
-    values = mean_over_ranks(torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["vb"].detach().mean(),
-                                          aux.detach().mean() if aux is not None else zero,
-                                          distill.detach().mean() if distill is not None else zero]).float(),
-                             run.world).tolist()  # one host sync
     return dict(zip(("loss", "mse", "vb", "aux", "distill"), values), grad_norm=grad_norm)
 
 

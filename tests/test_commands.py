@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["diffusion.train", "diffusion.sample", "diffusion.extract_latents", "bench.sweep", "bench.demo",
                 "bench.plots", "bench.tokens", "bench.fid", "bench.official", "bench.report",
-                "bench.stitch"]
+                "bench.stitch", "bench.throughput"]
 
 TINY_TRAIN = ["train.steps=2", "train.batch_size=8", "train.log_every=1", "sample.per_class=1", "sample.steps=2",
               "progress=false", "threads=2"]
@@ -130,6 +130,11 @@ def tiny(command: str, fmnist: Path, scratch: Path, user: dict | None = None) ->
     elif module == "bench.tokens":
         extra = ["--tokens", "16", "--repeats", "1", "--out", str(scratch / "tokens"),
                  "--plots-out", str(scratch / "plots")]
+    elif module == "bench.throughput":  # S presets at 32x32x4 -> the cpu presets at 8x8x1; no compile (minutes)
+        args = replace_values(args, {"--switches": "grad_checkpoint"} if "--switches" in args else {})
+        extra = ["--sizes", "cpu", "--resolution", "8", "--channels", "1", "--num-classes", "10", "--batch", "4",
+                 "--warmup", "0", "--repeats", "1", "--rounds", "2", "--matmul-sizes", "32",
+                 "--out", str(scratch / "throughput")]
     if any("fashion_mnist" in a for a in args) and module not in ("diffusion.sample",):
         extra.append(f"dataset.root={fmnist}")
     if multirun:

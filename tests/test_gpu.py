@@ -20,6 +20,7 @@ Errors are norm-wise as in test_bi_wkv.py: max|x - ref| / max|ref|.
 from __future__ import annotations
 
 import copy
+import csv
 import importlib.util
 import inspect
 import math
@@ -220,8 +221,9 @@ def test_sdpa_attention_on_cuda_matches_float64_reference(shape, dtype, monkeypa
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_flash_attn_route_matches_sdpa_and_float64_reference(shape, dtype, monkeypatch):
-    """layers.attention on CUDA half precision goes through flash-attn when it is installed: same result as the
-    float64 reference (and as SDPA, within twice the tolerance)."""
+    """layers.attention on CUDA half precision goes through flash-attn inside layers.flash_attention() (what
+    train.flash_attn=true turns on): same result as the float64 reference (and as SDPA, within twice the
+    tolerance); outside it, SDPA."""
     if importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn not installed")
     flash = layers._flash_attn_func()
@@ -233,10 +235,13 @@ def test_flash_attn_route_matches_sdpa_and_float64_reference(shape, dtype, monke
         return flash(*args, **kwargs)
 
     monkeypatch.setattr(layers, "_flash_attn_func", lambda: counted)
-    check_attention(layers.attention, shape, dtype)
-    assert calls, "layers.attention did not call flash-attn"
     q, k, v, _ = (x.to(device()) for x in attention_inputs(shape, dtype))
-    assert rel_err(layers.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)) <= 2 * ATTN_TOL[dtype]
+    layers.attention(q, k, v)
+    assert not calls, "layers.attention called flash-attn without train.flash_attn"
+    with layers.flash_attention():
+        check_attention(layers.attention, shape, dtype)
+        assert calls, "layers.attention did not call flash-attn"
+        assert rel_err(layers.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)) <= 2 * ATTN_TOL[dtype]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -309,8 +314,9 @@ def test_ddp_on_nccl_two_processes_equal_one_process(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 # 5. Throughput benchmark
 # --------------------------------------------------------------------------------------------------------------
-# The tiny CUDA run, in bench.tokens' option vocabulary; align it with bench.throughput's options when it lands.
-THROUGHPUT_TINY_ARGS = ["--backbones", "dit", "--batch", "2", "--warmup", "1", "--repeats", "2"]
+# The tiny CUDA run in bench.throughput's options (DiT-S/2 at 32x32x4, batch 2), with the switches CUDA adds
+THROUGHPUT_TINY_ARGS = ["--backbones", "dit", "--batch", "2", "--warmup", "1", "--repeats", "2", "--switches", "bf16",
+                        "tf32", "flash_attn"]
 
 
 def test_throughput_benchmark_runs_on_cuda(tmp_path):
@@ -324,6 +330,11 @@ def test_throughput_benchmark_runs_on_cuda(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p for p in out.rglob("*") if p.is_file()], f"bench.throughput wrote nothing under {out}"
+    with open(next(out.glob("cuda-*.csv")), newline="") as f:
+        rows = {r["switches"]: r for r in csv.DictReader(f)}
+    assert all(rows[s]["status"] == "ok" for s in ("none", "bf16", "tf32")), rows
+    assert rows["flash_attn"]["status"] == "ok" or importlib.util.find_spec("flash_attn") is None, rows
+    assert float(rows["none"]["peak_mem_mb"]) > 0 and rows["none"]["mem_method"] == "cuda_max_memory_allocated"
 
 
 # --------------------------------------------------------------------------------------------------------------
