@@ -69,11 +69,11 @@ from .layers import (
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
+    drop_path,
     resolve_preset,
     timestep_embedding,
     unpatchify,
 )
-from .rwkv import drop_path
 
 DIS_PRESETS = {
     "S": dict(depth=24, hidden_size=368),

@@ -449,3 +449,11 @@ class TDRMSNorm(nn.Module):
         xf = x.float()
         rms = xf.pow(2).mean(dim=-1, keepdim=True).sqrt()  # pow/mean/sqrt: free under the MAC convention
         return (xf / (rms + self.eps) * _per_sample(self.scale(time), x.dim())).to(x.dtype)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability p (survivors scaled 1/(1-p))."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)

@@ -41,6 +41,7 @@ from .layers import (
     PatchEmbed,
     TimestepEmbedder,
     adaln_modulation,
+    drop_path,
     get_2d_sincos_pos_embed,
     init_embedders,
     init_patch_embed,
@@ -93,14 +94,6 @@ def check_wkv_variant(variant: str) -> str:
 def mix_shifted(x: torch.Tensor, xx: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """x * mix + xx * (1 - mix), as one fused lerp in the activations' dtype (bf16 under autocast)."""
     return torch.lerp(xx, x, mix.to(x.dtype))
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample with probability p (survivors scaled 1/(1-p))."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
 
 
 def _layer_ratios(layer_id: int, n_layer: int) -> tuple[float, float]:
