@@ -9,6 +9,8 @@ Errors are norm-wise, max|x - ref| / max|ref|, as in test_bi_wkv.py.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import make_inputs as _make_inputs
@@ -293,3 +295,48 @@ def test_rwkv_official_variant_flops_equal_paper():
     assert by_op == gmacs_by_operator(tiny_rwkv(), 8, 3)
     T, D, L = 16, 32, 3
     assert by_op["bi_wkv"] == pytest.approx(6.5 * T * D * L / 1e9, rel=1e-12)
+
+
+@pytest.mark.parametrize("T, side, batch, model_band, iid_band", [
+    (16, 8, 8, (0.023, 0.031), (0.07, 0.11)),
+    (64, 16, 8, (0.0030, 0.0056), (0.016, 0.025)),
+    (256, 32, 4, (0.00030, 0.00044), (0.0055, 0.0085)),
+])
+def test_documented_deviation_from_the_paper(T, side, batch, model_band, iid_band, monkeypatch):
+    """The figures of backbones.kernels' docstring: max|y_official - y_paper| / max|y_paper| over the 13 blocks of
+    a freshly initialised DRWKV-S/2 (seed 0; the docstring's ranges span seeds 0-2), on its own k, v and on i.i.d.
+    N(0, 1) k, v with the same w, u."""
+    model_devs, iid_devs = [], []
+
+    def spy(w, u, k, v, **kw):
+        w64, u64, k64, v64 = (t.detach().double() for t in (w, u, k, v))
+        model_devs.append(rel_err(bi_wkv(w64, u64, k64, v64, variant="official"), bi_wkv(w64, u64, k64, v64)))
+        g = torch.Generator().manual_seed(len(model_devs))
+        k2, v2 = (torch.randn(k64.shape, generator=g, dtype=torch.float64) for _ in range(2))
+        iid_devs.append(rel_err(bi_wkv(w64, u64, k2, v2, variant="official"), bi_wkv(w64, u64, k2, v2)))
+        return bi_wkv(w, u, k, v, **kw)
+
+    torch.manual_seed(0)
+    model = build("rwkv", size="S", patch_size=2, input_size=side, in_channels=4, num_classes=1000)
+    monkeypatch.setattr(rwkv_module, "bi_wkv", spy)
+    with torch.no_grad():
+        model(torch.randn(batch, 4, side, side), torch.randint(0, 1000, (batch,)), torch.randint(0, 1000, (batch,)))
+    assert len(model_devs) == 13
+    assert model_band[0] <= max(model_devs) <= model_band[1]
+    assert iid_band[0] <= max(iid_devs) <= iid_band[1]
+
+
+@pytest.mark.parametrize("T", [16, 64, 256])
+def test_documented_gradient_deviation(T):
+    """The official gk, gv differ from the exact gradients of the official forward by 1 - e^{-5/T} (worst channel,
+    the one with spatial_decay = -5): the factor e^w between the paper's and the kernel's weights."""
+    C = 8
+    w = torch.linspace(-5, 3, C, dtype=torch.float64) / T
+    u = torch.full((C,), -1.2, dtype=torch.float64) / T
+    g = torch.Generator().manual_seed(0)
+    k, v, gy = (torch.randn(2, T, C, generator=g, dtype=torch.float64) for _ in range(3))
+    official = grads_of(bi_wkv_official, (w, u, k, v), gy)
+    exact = grads_of(lambda w, u, k, v: dense_forward(official_weights(w, u, T), k, v)[0], (w, u, k, v), gy)
+    for i in (2, 3):  # gk, gv
+        worst = max(rel_err(official[i][..., c], exact[i][..., c]) for c in range(C))
+        assert worst == pytest.approx(1 - math.exp(-5 / T), rel=0.01)
