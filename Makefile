@@ -14,10 +14,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow -n auto --dist worksteal
 
 # The CUDA checks (tests/test_gpu.py); -rs lists every skip with its reason (no CUDA, one GPU, no flash-attn).
 test-gpu: install

@@ -170,6 +170,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_readme_and_docstring_commands_run_as_written(scratch, user_files):
     root, fmnist = scratch
     commands = readme_commands()

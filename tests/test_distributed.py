@@ -52,6 +52,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     assert len(rows) == 5 and not (tmp_path / "two.1").exists()  # rank 0 alone wrote one log
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_as_one_process_exactly(tmp_path):
     full = train(1, tmp_path / "full", ["train.steps=4"], tmp_path)
     train(2, tmp_path / "part", ["train.steps=2"], tmp_path)  # stopped at its step-2 checkpoint
@@ -60,6 +61,7 @@ def test_a_two_process_run_resumes_as_one_process_exactly(tmp_path):
     assert_same_weights(full, part)
 
 
+@pytest.mark.slow
 def test_global_batch_must_divide_across_processes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -68,7 +70,7 @@ def test_global_batch_must_divide_across_processes(tmp_path):
     assert proc.returncode != 0 and "must be divisible by the 2 processes" in proc.stderr
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_distributed_sampling_equals_single_process(tmp_path, nproc):
     launch(1, [str(REPO / "tests" / "dist_sample_worker.py"), str(tmp_path / "one.pt")], tmp_path)
     launch(nproc, [str(REPO / "tests" / "dist_sample_worker.py"), str(tmp_path / "many.pt")], tmp_path)
@@ -78,6 +80,7 @@ def test_distributed_sampling_equals_single_process(tmp_path, nproc):
     torch.testing.assert_close(one, many, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_point_sweep_through_the_submitit_local_executor(tmp_path):
     """The cluster launcher's plugin, offline: its local executor runs a two-job multirun into one CSV."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -106,6 +109,7 @@ def test_cluster_launcher_config_composes_offline():
     assert launcher.gpus_per_node == launcher.tasks_per_node == 8 and launcher.partition == "gpu"
 
 
+@pytest.mark.slow
 def test_sweep_under_torchrun_trains_with_ddp_and_rank_0_writes_the_rows(tmp_path):
     base = ["dataset=digits", "dataset.image_size=8", "train.steps=2", "train.batch_size=8", "eval.num_samples=20",
             "eval.steps=2", "progress=false", "threads=1", f"runs_root={tmp_path / 'runs'}",
@@ -124,6 +128,7 @@ def test_sweep_under_torchrun_trains_with_ddp_and_rank_0_writes_the_rows(tmp_pat
     assert float(two[0]["metric_value"]) == pytest.approx(float(one[0]["metric_value"]), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_every_rank_with_the_step(tmp_path):
     launch(2, [str(REPO / "tests" / "dist_nan_worker.py"), str(tmp_path / "run"), str(tmp_path / "report")],
            tmp_path)

@@ -17,11 +17,19 @@ TINY_POINTS = {
 }
 
 
+CACHE = {}
+
+
+@pytest.fixture(autouse=True)
+def shared_metric_cache(metric_cache):
+    CACHE["dir"] = metric_cache
+
+
 def sweep_config(tmp_path, overrides=(), points=TINY_POINTS):
     base = [f"results_dir={tmp_path / 'results'}", f"runs_root={tmp_path / 'runs'}",
-            f"cache_dir={tmp_path / 'cache'}", "dataset=digits", "dataset.image_size=8", "eval.num_samples=80",
+            f"cache_dir={CACHE['dir']}", "dataset=digits", "dataset.image_size=8", "eval.num_samples=80",
             "train.steps=2", "train.batch_size=8", "train.ckpt_every=1", "eval.steps=2", "progress=false",
-            "threads=2"]
+            "threads=1"]
     cfg = compose("bench", base + list(overrides))
     cfg.sweep.points = OmegaConf.create(points)
     return cfg

@@ -52,16 +52,16 @@ def compare(plain, switched, loss_rtol: float, grad_rtol: float) -> None:
     assert worst <= grad_rtol, worst
 
 
-def test_grad_checkpoint_is_bit_identical_for_every_backbone(tmp_path):
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_checkpoint_is_bit_identical_for_every_backbone(tmp_path, name):
     """Per-block recomputation with the RNG state restored (drop-path of Diffusion-RWKV included): the same losses,
     gradients and weights, bit for bit, for every registered backbone."""
-    for name in NAMES:
-        backbone = {"name": name, **SMOKE_KWARGS[name]}
-        a = steps(tmp_path / f"{name}-a", backbone=backbone)
-        b = steps(tmp_path / f"{name}-b", ["train.grad_checkpoint=true"], backbone=backbone)
-        assert [m["loss"] for m in a[1]] == [m["loss"] for m in b[1]], name
-        assert all(torch.equal(a[2][k], b[2][k]) for k in a[2]), name
-        assert all(torch.equal(v, b[0].model.state_dict()[k]) for k, v in a[0].model.state_dict().items()), name
+    backbone = {"name": name, **SMOKE_KWARGS[name]}
+    a = steps(tmp_path / f"{name}-a", backbone=backbone)
+    b = steps(tmp_path / f"{name}-b", ["train.grad_checkpoint=true"], backbone=backbone)
+    assert [m["loss"] for m in a[1]] == [m["loss"] for m in b[1]], name
+    assert all(torch.equal(a[2][k], b[2][k]) for k in a[2]), name
+    assert all(torch.equal(v, b[0].model.state_dict()[k]) for k, v in a[0].model.state_dict().items()), name
 
 
 def test_grad_checkpoint_recomputes_blocks_and_keeps_the_state_dict(tmp_path, monkeypatch):
