@@ -4,7 +4,8 @@ on CPU) against the token-by-token float64 reference, forward (y and last state)
 Errors are norm-wise, max|x - ref| / max|ref| (a gradient that is exactly 0 in exact arithmetic, e.g. dA at L = 1,
 is measured against 1e-6 instead). The torch path in float64 must agree to 1e-10; fp32 paths (inputs rounded to
 fp32, the reference in float64 on the same values) to 1e-5 forward and 1e-4 for gradients and the last state. The
-CUDA paths (mamba_ssm, Triton on CUDA) are compared with the reference in tests/test_gpu.py.
+CUDA paths (mamba_ssm, Triton on CUDA) are compared with the reference in tests/test_gpu.py. The torch path's
+blocks (batch x channels) and its hand-written backward are tested with tiny blocks (a monkeypatched BLOCK_ELEMS).
 """
 
 from __future__ import annotations
@@ -244,6 +245,126 @@ def test_dispatch_and_errors():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The torch path's blocks and hand-written backward. Tiny blocks (a few (batch, channel) pairs) exercise batch and
+# channel blocking, ragged last blocks and blocks inside the groups of B/C.
+# --------------------------------------------------------------------------------------------------------------
+SCAN_MODULE = sys.modules[selective_scan_torch.__module__]
+
+
+def set_block_pairs(monkeypatch, pairs: int, N: int, L: int, chunk: int = DEFAULT_CHUNK) -> None:
+    """Blocks of at most ``pairs`` (batch element, channel) pairs for sequences of L tokens."""
+    rows = -(-L // chunk) * chunk + 1
+    monkeypatch.setattr(SCAN_MODULE, "BLOCK_ELEMS", pairs * rows * N)
+
+
+def block_count(batch: int, Dm: int, G: int, N: int, L: int) -> int:
+    return len(SCAN_MODULE._blocks(batch, Dm, G, (-(-L // DEFAULT_CHUNK) * DEFAULT_CHUNK + 1) * N,
+                                   SCAN_MODULE.BLOCK_ELEMS))
+
+
+# (batch, D, N, L, groups, use, softplus, pairs): blocks of 1 x 2 channels in 2 groups (12 blocks; L = 13, not a
+# multiple of the chunk); batch blocks of 2, 2 and 1 in 3 groups, no option; L = 1, channel blocks of 3 and 2; one
+# pair per block in 4 groups; blocks of 2 batch elements x 6 channels.
+BLOCKED_CASES = [(3, 8, 4, 13, 2, "Dzb", True, 2), (5, 6, 3, 9, 3, "", False, 4), (2, 5, 4, 1, 0, "Db", True, 3),
+                 (4, 12, 5, 21, 4, "z", False, 1), (4, 6, 2, 30, 0, "Dzb", False, 12)]
+
+
+@pytest.mark.parametrize("case", BLOCKED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_torch_path_blocks_match_reference(monkeypatch, case):
+    """y, the last state and the gradients of all inputs (with a cotangent on the last state) equal the float64
+    reference's, in float64 to 1e-10 and in fp32 to the fp32 tolerances."""
+    batch, Dm, N, L, groups, use, softplus, pairs = case
+    set_block_pairs(monkeypatch, pairs, N, L)
+    assert block_count(batch, Dm, max(groups, 1), N, L) > max(groups, 1)
+    xs = scan_inputs(batch, Dm, N, L, groups, use=use, softplus=softplus)
+    fwd, last, grads = compare(torch_path, xs, softplus, dtype=torch.float64)
+    assert max(fwd, last, *grads.values()) <= F64_TOL, (fwd, last, grads)
+    assert set(grads) == {"u", "delta", "A", "B", "C"} | {n for c, n in zip("Dzb", NAMES[5:]) if c in use}
+    fwd, last, grads = compare(torch_path, xs, softplus)
+    assert fwd <= FWD_TOL, fwd
+    assert max(last, *grads.values()) <= GRAD_TOL, (last, grads)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_torch_path_backward_independent_of_chunking(monkeypatch, chunk):
+    """Forward and backward with chunks of one token, of 3 (not a power of 2: uneven Hillis-Steele slices), 8 and
+    one chunk longer than L, in blocks, against the reference."""
+    set_block_pairs(monkeypatch, 3, 4, 50, chunk)
+    xs = scan_inputs(2, 4, 4, 50, groups=2, kind="mixed")
+
+    def fn(*a, **kw):
+        return selective_scan_torch(*a, **kw, chunk=chunk)
+
+    fwd, last, grads = compare(fn, xs, True, dtype=torch.float64)
+    assert max(fwd, last, *grads.values()) <= F64_TOL, (fwd, last, grads)
+
+
+@pytest.mark.parametrize("kind", ["tiny", "huge", "mixed"])
+def test_torch_path_blocks_extreme_dt(monkeypatch, kind):
+    """dt from 1e-6 to 1e3 (dt A below -1e4) in blocks of one (batch, channel) pair: the adjoint's reverse scan
+    multiplies only decays in [0, 1] too, so the gradients stay finite and exact."""
+    set_block_pairs(monkeypatch, 1, 16, 200)
+    xs = scan_inputs(2, 2, 16, 200, kind=kind)
+    dt = torch.nn.functional.softplus(xs[1])
+    dtA = dt[..., None] * xs[2][None, :, None, :]
+    assert dtA.min() < -1e4 if kind != "tiny" else dt.max() < 1e-3
+    fwd, last, grads = compare(torch_path, xs, True, dtype=torch.float64)
+    assert max(fwd, last, *grads.values()) <= F64_TOL, (fwd, last, grads)
+    fwd, last, grads = compare(torch_path, xs, True)
+    assert fwd <= FWD_TOL, fwd
+    assert max(last, *grads.values()) <= GRAD_TOL, (last, grads)
+
+
+def test_torch_path_gradient_dtypes_and_missing_cotangents():
+    """bf16 activations: gradients in each input's dtype, close to the float64 reference of the same values; only
+    y or only the last state used: the other cotangent counts as zero."""
+    xs = scan_inputs(2, 4, 3, 20)
+    xb = [x.bfloat16() if name in ("u", "delta", "B", "C", "z") else x for name, x in zip(NAMES, xs)]
+    ins = [x.clone().requires_grad_() for x in xb]
+    gy = torch.randn(2, 4, 20, generator=torch.Generator().manual_seed(2))
+    torch.autograd.backward(selective_scan(*ins, delta_softplus=True, impl="torch"), gy.bfloat16())
+    ref = [x.double().requires_grad_() for x in xb]
+    torch.autograd.backward(selective_scan_reference(*ref, delta_softplus=True), gy.double())
+    for name, x, r in zip(NAMES, ins, ref):
+        assert x.grad.dtype == x.dtype and rel_err(x.grad, r.grad) <= 1e-2, name
+    # the last state alone: equal to the gradient of (y, last) with a zero cotangent on y, and vice versa
+    xs64 = [x.double() for x in xs]
+    glast = torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for outs_used in ("last", "y"):
+        a = [x.clone().requires_grad_() for x in xs64]
+        y, last = selective_scan_torch(*a, delta_softplus=True, return_last_state=True)
+        out, cot = (last, glast) if outs_used == "last" else (y, gy.double())
+        got = torch.autograd.grad(out, a, cot)
+        full = torch.autograd.grad(selective_scan_torch(*a, delta_softplus=True, return_last_state=True),
+                                   a, [cot if outs_used == "y" else torch.zeros_like(y),
+                                       cot if outs_used == "last" else torch.zeros_like(last)])
+        assert all(torch.equal(g, f) for g, f in zip(got, full)), outs_used
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_torch_path_saves_only_its_inputs(impl):
+    """Autograd keeps only the inputs for the torch path's backward (the states are recomputed block by block);
+    the reference, differentiated by autograd, keeps (batch, D, L, N) tensors: far more than its inputs."""
+    xs = scan_inputs(4, 8, 16, 40)
+    ins = [x.clone().requires_grad_() for x in xs]
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, last = selective_scan(*ins, delta_softplus=True, return_last_state=True, impl=impl)
+    input_bytes = sum(x.numel() * x.element_size() for x in ins)
+    if impl == "torch":
+        assert 0 < sum(saved) <= input_bytes, (saved, input_bytes)
+    else:
+        assert sum(saved) > 4 * input_bytes
+    (y.sum() + last.sum()).backward()
+    assert all(x.grad is not None for x in ins)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Custom op: values, gradients (incl. the last state's), tracing and the MAC count
 # --------------------------------------------------------------------------------------------------------------
 def test_custom_op_matches_eager():
@@ -264,6 +385,29 @@ def test_custom_op_matches_eager():
     torch.library.opcheck(torch.ops.kernels.selective_scan.default, (*leaves, True, "torch"), test_utils=checks)
     torch.library.opcheck(torch.ops.kernels.selective_scan.default, (*leaves[:5], None, None, None, False, "torch"),
                           test_utils=checks)
+
+
+def test_custom_op_torch_backward_op_and_compile():
+    """For impl "torch" the custom op's backward is one opaque op, kernels::selective_scan_torch_backward (torch.compile
+    records one node instead of tracing every block); its schema and fake tensors check out, and gradients through
+    torch.compile equal the eager ones."""
+    xs = [x.double() for x in scan_inputs(2, 4, 3, 21, groups=2)]
+    g = torch.Generator().manual_seed(4)
+    gy = torch.randn(2, 4, 21, generator=g, dtype=torch.float64)
+    glast = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    bwd = torch.ops.kernels.selective_scan_torch_backward.default
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(bwd, (*xs, gy, glast, True), test_utils=checks)
+    torch.library.opcheck(bwd, (*xs[:5], None, None, None, gy, None, False), test_utils=checks)
+
+    def loss(*a):
+        y, last = selective_scan(*a, delta_softplus=True, return_last_state=True)
+        return (y * gy).sum() + (last * glast).sum()
+
+    ins = [x.clone().requires_grad_() for x in xs]
+    eager = torch.autograd.grad(loss(*ins), ins)
+    compiled = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(*ins), ins)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
 
 
 class _ScanMixer(torch.nn.Module):
