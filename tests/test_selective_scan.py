@@ -117,6 +117,15 @@ def torch_path(*args, **kw):
 # --------------------------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------------------------
+def assert_torch_path_matches_reference(xs, softplus: bool) -> None:
+    """y, last state and gradients of the torch path against the float64 reference: in float64 and in float32."""
+    fwd, last, grads = compare(torch_path, xs, softplus, dtype=torch.float64)
+    assert max(fwd, last, *grads.values()) <= F64_TOL, (fwd, last, grads)
+    fwd, last, grads = compare(torch_path, xs, softplus)
+    assert fwd <= FWD_TOL, fwd
+    assert max(last, *grads.values()) <= GRAD_TOL, (last, grads)
+
+
 def test_reference_matches_scalar_recurrence():
     """The reference is the recurrence of mamba_ssm's selective_scan_ref, evaluated scalar by scalar in float64."""
     batch, Dm, N, L, G = 2, 4, 3, 5, 2
@@ -182,11 +191,7 @@ def test_torch_path_extreme_dt(kind, softplus):
     dtA = dt[..., None] * xs[2][None, :, None, :]                 # (batch, D, L, N)
     if kind != "tiny":  # the naive in-chunk cumsum form exp(-cumsum(dt A)) would overflow fp32 within one chunk
         assert dtA.min() < -50 and torch.isinf(torch.exp(-dtA[:, :, :DEFAULT_CHUNK].cumsum(2))).any()
-    fwd, last, grads = compare(torch_path, xs, softplus, dtype=torch.float64)
-    assert max(fwd, last, *grads.values()) <= F64_TOL, (fwd, last, grads)
-    fwd, last, grads = compare(torch_path, xs, softplus)
-    assert fwd <= FWD_TOL, fwd
-    assert max(last, *grads.values()) <= GRAD_TOL, (last, grads)
+    assert_torch_path_matches_reference(xs, softplus)
 
 
 def test_return_last_state_and_dtypes():
@@ -308,11 +313,7 @@ def test_torch_path_blocks_extreme_dt(monkeypatch, kind):
     dt = torch.nn.functional.softplus(xs[1])
     dtA = dt[..., None] * xs[2][None, :, None, :]
     assert dtA.min() < -1e4 if kind != "tiny" else dt.max() < 1e-3
-    fwd, last, grads = compare(torch_path, xs, True, dtype=torch.float64)
-    assert max(fwd, last, *grads.values()) <= F64_TOL, (fwd, last, grads)
-    fwd, last, grads = compare(torch_path, xs, True)
-    assert fwd <= FWD_TOL, fwd
-    assert max(last, *grads.values()) <= GRAD_TOL, (last, grads)
+    assert_torch_path_matches_reference(xs, True)
 
 
 def test_torch_path_gradient_dtypes_and_missing_cotangents():
