@@ -299,7 +299,7 @@ def test_rwkv_official_variant_flops_equal_paper():
 
 @pytest.mark.parametrize("T, side, batch, model_band, iid_band", [
     (16, 8, 8, (0.023, 0.031), (0.07, 0.11)),
-    (64, 16, 8, (0.0030, 0.0056), (0.016, 0.025)),
+    pytest.param(64, 16, 8, (0.0030, 0.0056), (0.016, 0.025), marks=pytest.mark.slow),
     pytest.param(256, 32, 4, (0.00030, 0.00044), (0.0055, 0.0085), marks=pytest.mark.slow),
 ])
 def test_documented_deviation_from_the_paper(T, side, batch, model_band, iid_band, monkeypatch):

@@ -38,6 +38,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
             torch.testing.assert_close(tensor, b[key][name], atol=atol, rtol=0, msg=f"{key}.{name}")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     one = train(1, tmp_path / "one", ["train.steps=4"], tmp_path)
     two = train(2, tmp_path / "two", ["train.steps=4"], tmp_path)

@@ -442,9 +442,9 @@ def test_published_scaling_study_is_the_cpu_scaling_grid_at_both_seeds(tmp_path)
     with open(REPO / "results" / "published" / "scaling" / "fashion_mnist" / "runs.csv") as f:
         published = {(r["point_key"]): r for r in csv.DictReader(f)}
     backbones = {r["backbone"] for r in published.values()}
-    assert backbones == {"dit", "lit", "rwkv", "dico", "dimr"}  # dis was added after the study (not run yet)
+    assert backbones == set(cfg.sweep.axes) == {"dit", "lit", "rwkv", "dico", "dimr", "dis"}
     points, skipped = sweep.expand_grid(cfg, sorted(backbones), dataset)
-    assert not skipped and len(points) == 20 and len(published) == 40
+    assert not skipped and len(points) == 24 and len(published) == 48
     for seed in (0, 1):
         for name, overrides in points:
             keys = sweep.point_keys(sweep.point_config(cfg, name, overrides, seed=seed), dataset)
@@ -463,7 +463,7 @@ def test_readme_scaling_table_is_the_published_csv():
                       section, re.M)
     with open(REPO / "results" / "published" / "scaling" / "fashion_mnist" / "runs.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert len(rows) == 20
+    assert len(rows) == 24
     for name, patch, width, gmacs, fd0, fd1, mean in rows:
         patch = "" if patch == "-" else patch  # DiCo has no patch size
         point = [r for r in csv_rows if (r["backbone"], r["width"], r["patch"]) == (name, width, patch)

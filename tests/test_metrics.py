@@ -259,6 +259,7 @@ def _patterns(n, seed):
 TINY_RECIPE = dict(version=1, widths=[8, 16], steps=40, batch=32, lr=3e-3, weight_decay=1e-4, seed=0)
 
 
+@pytest.mark.slow
 def test_classifier_metric_deterministic_cached(tmp_path):
     (trx, try_), (tex, tey) = _patterns(256, 0), _patterns(160, 1)
     before = torch.get_rng_state()

@@ -132,6 +132,7 @@ def test_out_of_memory_at_batch_one_is_a_failed_row(tmp_path, monkeypatch):
     assert r["note"] == "out of memory at batch 2, halved"
 
 
+@pytest.mark.slow
 def test_switch_rows_and_upsert(tmp_path):
     throughput.main(["--backbones", "dit", *TINY, "--out", str(tmp_path), "--switches", "grad_checkpoint", "tf32",
                      "flash_attn"])
@@ -249,6 +250,9 @@ def test_readme_throughput_tables_are_the_published_csv():
                                    "train_img_per_s", 1), ("train util", "train_util", 1),
                                    ("sample img/s", "sample_img_per_s", 1), ("CFG img/s", "sample_cfg_img_per_s", 1),
                                    ("sample util", "sample_util", 1), ("peak MB", "peak_mem_mb", 1)):
+            if column == "peak MB" and math.isnan(float(r[key])):  # the measurement failed: the CSV says why
+                assert shown_row[column] == "n/a" and r["mem_method"].startswith("unavailable"), shown_row
+                continue
             assert shown(shown_row[column], float(r[key]), scale), (shown_row["backbone"], column, r[key])
     rate = re.search(r"the matmul rate measured in the same run: ([0-9.]+) GMAC/s", " ".join(readme_section().split()))
     assert rate and shown(rate[1], float(plain["dit"]["matmul_gmac_per_s"]))
