@@ -2,6 +2,8 @@
 
 import csv
 
+import torch
+
 import backbones
 from bench import tokens
 
@@ -18,3 +20,34 @@ def test_token_benchmark_writes_csv_and_plot(tmp_path, capsys):
     assert all(r["status"] == "ok" and float(r["time_ms_median"]) > 0 for r in written)
     assert (tmp_path / "plots" / "tokens_cpu.png").is_file() and (tmp_path / "plots" / "tokens_cpu.svg").is_file()
     assert "bi_wkv is" in capsys.readouterr().out  # the Bi-WKV vs softmax-attention summary per T
+
+
+def test_cpu_peak_memory_is_the_largest_live_bytes_of_the_step():
+    keep = torch.zeros(2**20)  # 4 MiB that exists before the step: not counted
+
+    def step():
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**21)  # + 8 MiB: peak 12 MiB
+        del a, b
+        c = torch.ones(2**21)  # 8 MiB after the frees: below the peak
+        keep.add_(c[: 2**20])
+
+    mb, method = tokens.step_peak_memory_mb(step, torch.device("cpu"))
+    assert method == "torch_profiler_live_tensor_bytes"
+    assert mb == 12.0
+
+
+def test_cpu_peak_memory_equals_the_profilers_memory_timeline():
+    """The running sum of allocation events gives what the profiler's own (much slower) timeline analysis gives."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    torch.manual_seed(0)
+    point = tokens.Point(backbones.token_mixers()["bi_wkv"], 64, 32, 2, torch.device("cpu"))
+    point.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        point.step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    totals = [sum(s) for s in sizes]
+    mb, _ = point.peak_memory_mb()
+    assert mb > 0.05 and mb == (max(totals) - totals[0]) / 2**20
