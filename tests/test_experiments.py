@@ -162,7 +162,7 @@ def test_cpu_variant_trains_end_to_end_with_the_paper_recipe(name, data, tmp_pat
     from diffusion.trainer import train
 
     run_dir = tmp_path / "run"
-    overrides = [*data_overrides(name, data), f"run_dir={run_dir}", "progress=false", "threads=2", "device=cpu"]
+    overrides = [*data_overrides(name, data), f"run_dir={run_dir}", "progress=false", "threads=1", "device=cpu"]
     cfg = compose_experiment(f"{name}_cpu", overrides)
     summary = train(cfg)
     assert summary["steps"] == cfg.train.steps

@@ -28,7 +28,7 @@ def latent_sweep(files, tmp_path, *extra):
                             f"cache_dir={tmp_path / 'cache'}", "dataset=latents", f"dataset.root={files['store']}",
                             "dataset.image_size=null",
                             "train.steps=2", "train.batch_size=4", "eval.num_samples=4", "eval.steps=2",
-                            "eval.batch_size=4", "progress=false", "threads=2", *extra])
+                            "eval.batch_size=4", "progress=false", "threads=1", *extra])
     cfg.sweep.points = OmegaConf.create({"dit": [{"size": "cpu", "patch_size": 2}]})
     return cfg
 

@@ -51,3 +51,29 @@ def test_cpu_peak_memory_equals_the_profilers_memory_timeline():
     totals = [sum(s) for s in sizes]
     mb, _ = point.peak_memory_mb()
     assert mb > 0.05 and mb == (max(totals) - totals[0]) / 2**20
+
+
+def test_readme_token_table_is_the_published_csv_and_meets_the_bi_wkv_targets():
+    """Every row of the README's token table equals results/published/tokens/cpu.csv as printed; the published
+    Bi-WKV run keeps its peak at T = 16384 at most linear attention's and time(16384)/time(1024) <= 24."""
+    import re
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    published = pd.read_csv(root / "results/published/tokens/cpu.csv")
+    section = (root / "README.md").read_text().split("## Token scaling")[1].split("\n## ")[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\|[^|`]*`(\w+)` \|(.*)\|$", section, re.M)}
+    assert set(rows) == set(published.mixer) == set(backbones.token_mixers())
+    for mixer, cells in rows.items():
+        r = published[published.mixer == mixer].set_index("tokens")
+        t = r.time_ms_median
+        expected = [f"{t[256]:.1f} ms", f"{t[1024]:.1f}", f"{t[4096]:.1f}", f"{t[16384]:.1f}",
+                    f"{t[16384] / t[1024]:.1f}", f"{r.peak_mem_mb[16384]:.0f}"]
+        assert [c.strip().strip("*") for c in cells.split("|")] == expected, mixer
+    assert (published.status == "ok").all() and (published.threads == 1).all()
+    peak = published[published.tokens == 16384].set_index("mixer").peak_mem_mb
+    assert peak["bi_wkv"] <= peak["linear_attention"]
+    t = published[published.mixer == "bi_wkv"].set_index("tokens").time_ms_median
+    assert t[16384] / t[1024] <= 24
