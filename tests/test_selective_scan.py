@@ -570,3 +570,12 @@ def test_triton_kernels_interpreted_long_sequences():
     results = run_triton_cases(SLOW_TRITON_CASES)
     for case in SLOW_TRITON_CASES:
         check_triton_result(case, results[case_key(case)])
+
+
+def test_chunk_grows_with_the_sequence_to_bound_the_carry_loop():
+    """The README's reading of the bi_mamba token row: 16-token chunks at T = 1024, 256 at 16384 (log2(chunk)
+    Hillis-Steele passes: 4 and 8), never more than MAX_CHUNKS chunks."""
+    from backbones.kernels.selective_scan import MAX_CHUNKS, _default_chunk
+
+    assert [_default_chunk(L) for L in (64, 256, 1024, 4096, 16384)] == [4, 4, 16, 64, 256]
+    assert all(-(-L // _default_chunk(L)) <= MAX_CHUNKS for L in range(1, 20000, 37))
