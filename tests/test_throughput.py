@@ -311,3 +311,48 @@ def test_readme_trainer_ratios_are_the_published_rounds():
     bare_rate = re.search(r"bare-comparison matmul rate ([0-9.]+) GMAC/s", section)
     assert bare_rate and all(shown(bare_rate[1], float(r["matmul_gmac_per_s"]))
                              for r in read(PUBLISHED / "cpu-trainer-vs-bare.csv"))
+
+
+def test_readme_second_machine_table_and_figures_are_its_published_csv():
+    """The Xeon section: every row and figure from results/published/throughput/xeon/ (rows, the switch ratios of
+    the sentence, the trainer-vs-bare rounds)."""
+    xeon = PUBLISHED / "xeon"
+    rows = read(xeon / "cpu.csv")
+    assert {r["device_name"] for r in rows} == {"Intel(R) Xeon(R) Processor"}
+    plain = {r["backbone"]: r for r in rows if r["switches"] == "none"}
+    table = next(t for t in markdown_tables(readme_section()) if "train img/s on the Xeon" in t[0])
+    assert [r["backbone"] for r in table] == ["dit", "lit", "rwkv", "dico", "dimr", "dis"] and set(plain) == {
+        r["backbone"] for r in table}
+    for shown_row in table:
+        r = plain[shown_row["backbone"]]
+        assert r["status"] == "ok" and r["batch"] == "32" and r["precision"] == "fp32"
+        assert shown_row["size"] == r["size"] + (f"/{r['patch']}" if r["patch"] else "")
+        for column, key in (("train img/s on the Xeon", "train_img_per_s"), ("train util", "train_util"),
+                            ("sample img/s", "sample_img_per_s"), ("CFG img/s", "sample_cfg_img_per_s"),
+                            ("sample util", "sample_util"), ("peak MB", "peak_mem_mb")):
+            assert shown(shown_row[column], float(r[key])), (shown_row["backbone"], column)
+    section = " ".join(readme_section().split())
+    assert shown(re.search(r"so DiS's is ([0-9]+) MB", section)[1], float(plain["dis"]["peak_mem_mb"]))
+    epyc = {r["backbone"]: r for r in read(PUBLISHED / "cpu.csv") if r["switches"] == "none"}
+    assert all(plain[b]["peak_mem_mb"] == epyc[b]["peak_mem_mb"] for b in epyc if b != "dis")  # same tensors
+    rate = re.search(r"the matmul rate measured in that run: ([0-9.]+) GMAC/s; ([0-9.]+) in the run", section)
+    assert shown(rate[1], float(plain["dit"]["matmul_gmac_per_s"])) and shown(rate[2], float(plain["lit"][
+        "matmul_gmac_per_s"]))
+    faster = re.search(r"DiT-S/2 trains ([0-9.]+)x faster", section)[1]
+    assert shown(faster, float(plain["dit"]["train_img_per_s"]) / float(epyc["dit"]["train_img_per_s"]))
+    slower = re.search(r"DiCo is the extreme: ([0-9.]+)x slower", section)[1]
+    assert shown(slower, float(epyc["dico"]["train_img_per_s"]) / float(plain["dico"]["train_img_per_s"]))
+    switched = {r["switches"]: float(r["train_speedup"]) for r in rows if r["train_speedup"]}
+    for label, switch in (("bf16 autocast", "bf16"), ("`torch.compile`", "compile"), ("channels_last",
+                          "channels_last"), ("fused AdamW", "fused_adamw"), ("gradient checkpointing",
+                          "grad_checkpoint")):
+        match = re.search(rf"{re.escape(label)} ([0-9.]+)x", section.split("Switch rows of DiT-S/2 here")[1])
+        assert match and shown(match[1], switched[switch]), switch
+    rounds = read(xeon / "cpu-trainer-vs-bare.csv")
+    ratios = [float(r["ratio"]) for r in rounds]
+    match = re.search(r"bare step median ([0-9.]+) over (\d+) rounds \(([0-9.]+)-([0-9.]+)\), utilisation ([0-9.]+) "
+                      r"\(trainer\) and ([0-9.]+) \(bare\)", section)
+    assert match and int(match[2]) == len(rounds)
+    assert shown(match[1], statistics.median(ratios)) and shown(match[3], min(ratios)) and shown(match[4], max(ratios))
+    assert shown(match[5], statistics.median(float(r["trainer_util"]) for r in rounds))
+    assert shown(match[6], statistics.median(float(r["bare_util"]) for r in rounds))
