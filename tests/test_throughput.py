@@ -356,3 +356,27 @@ def test_readme_second_machine_table_and_figures_are_its_published_csv():
     assert shown(match[1], statistics.median(ratios)) and shown(match[3], min(ratios)) and shown(match[4], max(ratios))
     assert shown(match[5], statistics.median(float(r["trainer_util"]) for r in rounds))
     assert shown(match[6], statistics.median(float(r["bare_util"]) for r in rounds))
+
+
+def test_readme_second_machine_official_loop_ratios_are_its_rounds():
+    section = " ".join(readme_section().split())
+    rounds = read(PUBLISHED / "xeon" / "cpu-trainer-vs-official.csv")
+    assert {r["official_commit"] for r in rounds} == {"ed81ce2"} and {r["batch"] for r in rounds} == {"16", "32"}
+    for batch in ("16", "32"):
+        ratios = [float(r["ratio"]) for r in rounds if r["batch"] == batch]
+        match = re.search(rf"Xeon batch {batch}: median ([0-9.]+)(?: over 6 rounds)? \(([0-9.]+)-([0-9.]+)\)",
+                          section)
+        assert match, batch
+        assert shown(match[1], statistics.median(ratios)) and len(ratios) == 6
+        assert shown(match[2], min(ratios)) and shown(match[3], max(ratios))
+    b32 = [r for r in rounds if r["batch"] == "32"]
+    util = re.search(r"utilisation at batch 32: ours ([0-9.]+), official ([0-9.]+) \(matmul rate ([0-9.]+) GMAC/s",
+                     section)
+    assert util and shown(util[1], statistics.median(float(r["trainer_util"]) for r in b32))
+    assert shown(util[2], statistics.median(float(r["official_util"]) for r in b32))
+    assert all(shown(util[3], float(r["matmul_gmac_per_s"])) for r in rounds)
+    drift = re.search(r"varied from ([0-9.]+) to ([0-9.]+) GMAC/s across the four runs", section)
+    rates = {float(r["matmul_gmac_per_s"]) for name in ("cpu.csv", "cpu-trainer-vs-bare.csv",
+                                                         "cpu-trainer-vs-official.csv")
+             for r in read(PUBLISHED / "xeon" / name) if r["matmul_gmac_per_s"] and r["precision"] == "fp32"}
+    assert drift and len(rates) == 4 and shown(drift[1], min(rates)) and shown(drift[2], max(rates))
