@@ -18,7 +18,7 @@ the EMA model in eval mode under ``no_grad`` (bf16 rows under bf16 autocast), wi
 ``--repeats`` steps after ``--warmup`` steps, CUDA-synchronised. Peak memory is ``bench.tokens``' measure of one
 extra training step, its gradients freed first: the largest extra memory above what exists before it (activations,
 gradients, temporaries; CUDA ``max_memory_allocated`` minus ``memory_allocated``, on the CPU live tensor bytes from
-the profiler's memory timeline); ``state_mem_mb`` is what persists across steps (weights, EMA, optimizer state), so
+the profiler's allocation events); ``state_mem_mb`` is what persists across steps (weights, EMA, optimizer state), so
 the step's total is their sum. On out-of-memory the batch is halved and the row measured again; ``batch`` is the
 one used (the note says so). On the CPU the process's address space is capped at its size plus
 ``--memory-fraction`` (0.9) of the memory available at start, so that a step too large fails to allocate (and backs

@@ -298,7 +298,7 @@ def test_torch_path_peak_memory_is_per_block(monkeypatch):
     point = Point(_WKVOnly, T, C, 1, torch.device("cpu"))
     mb, method = point.peak_memory_mb()
     if not method.startswith("torch_profiler"):
-        pytest.skip(f"no CPU memory timeline: {method}")
+        pytest.skip(f"no CPU memory measure: {method}")
     ratio = mb * 2**20 / point.x.nbytes
     assert ratio <= 12, ratio
 
