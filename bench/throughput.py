@@ -38,7 +38,8 @@ intensity all show up as lower utilisation.
 
 ``--switches`` adds one row per speed switch (``train.<switch>=true``, ``bf16`` = ``train.precision=bf16``) after
 the plain row of each backbone, with ``train_speedup`` = its training img/s over the plain row's; a switch the
-device cannot run gets a row with status ``not on this device: <reason>``. ``--compare-bare`` times the trainer
+device cannot run gets a row with status ``not on this device: <reason>``. ``heap_cache`` changes the process for
+good (glibc's malloc policy), so its rows come after every other row of the run. ``--compare-bare`` times the trainer
 step against a bare step of a copy of the same model (fixed x, t, noise, labels; the diffusion loss, backward and a
 default AdamW step; no EMA, no data, no norm) in interleaved rounds (alternating which goes first) and prints
 each round's ratio; rows go to ``<out>/<device>-trainer-vs-bare.csv``.
@@ -79,7 +80,9 @@ BARE_COLUMNS = ["device", "device_name", "backbone", "size", "patch", "resolutio
                 "round", "first", "trainer_ms", "bare_ms", "ratio", "trainer_util", "bare_util", "gmacs",
                 "matmul_gmac_per_s", "threads", "torch_version"]
 # train.<name>=true; "bf16" is train.precision=bf16
-SWITCHES = ("bf16", "compile", "channels_last", "fused_adamw", "tf32", "flash_attn", "grad_checkpoint")
+SWITCHES = ("bf16", "compile", "channels_last", "fused_adamw", "tf32", "flash_attn", "grad_checkpoint", "heap_cache")
+# Switches that change the whole process for good (glibc's malloc policy): their rows come after every other row
+PROCESS_WIDE = ("heap_cache",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The official DiT recipe (lr 1e-4, no weight decay, EMA 0.9999 without warm-up, no clipping); speed only
 RECIPE = ["train.lr=1e-4", "train.weight_decay=0", "train.ema_decay=0.9999", "train.ema_warmup=false"]
@@ -509,33 +512,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     csv_path = args.out / f"{tag[0]}.csv"
     table = read_rows(csv_path)
     rows: list[dict] = []
-    for name, size, resolved, patch in points:
-        plain_img_s = None
-        for switch in ["none", *args.switches]:
-            row = dict(device=tag[0], device_name=tag[1], backbone=name, size=resolved or size,
-                       patch=patch if patch is not None else "", resolution=args.resolution, channels=args.channels,
-                       batch_asked=args.batch, batch=args.batch, precision=args.precision, switches=switch,
-                       warmup=args.warmup, repeats=args.repeats, threads=torch.get_num_threads(),
-                       torch_version=torch.__version__)
-            if switch == "bf16":
-                row["precision"] = "bf16"
-            if resolved is None:
-                row["status"] = f"skipped: {name} has no preset {size}"
-            else:
-                row.update(measure_switch(name, resolved, patch, switch, args, device, rates))
-                if switch == "flash_attn" and row["status"] == "ok":
-                    row["note"] = "; ".join(filter(None, [row.get("note"), "bf16 autocast (flash-attn needs it)"]))
-            if row["status"] == "ok":
-                if switch == "none":
-                    plain_img_s = row["train_img_per_s"]
-                elif plain_img_s:
-                    row["train_speedup"] = row["train_img_per_s"] / plain_img_s
-                    if row["train_speedup"] < 1:
-                        row["note"] = "; ".join(filter(None, [row.get("note"), "slower than without it here"]))
-            rows.append(row)
-            table = upsert(table, row)
-            write_rows(csv_path, table, COLUMNS)
-            print(describe(row), flush=True)
+    plain_img_s: dict[tuple, float] = {}
+    first = ["none", *(s for s in args.switches if s not in PROCESS_WIDE)]
+    last = [s for s in args.switches if s in PROCESS_WIDE]
+    for name, size, resolved, patch, switch in [(*p, s) for p in points for s in first] + [
+            (*p, s) for s in last for p in points]:
+        row = dict(device=tag[0], device_name=tag[1], backbone=name, size=resolved or size,
+                   patch=patch if patch is not None else "", resolution=args.resolution, channels=args.channels,
+                   batch_asked=args.batch, batch=args.batch, precision=args.precision, switches=switch,
+                   warmup=args.warmup, repeats=args.repeats, threads=torch.get_num_threads(),
+                   torch_version=torch.__version__)
+        if switch == "bf16":
+            row["precision"] = "bf16"
+        if resolved is None:
+            row["status"] = f"skipped: {name} has no preset {size}"
+        else:
+            row.update(measure_switch(name, resolved, patch, switch, args, device, rates))
+            if switch == "flash_attn" and row["status"] == "ok":
+                row["note"] = "; ".join(filter(None, [row.get("note"), "bf16 autocast (flash-attn needs it)"]))
+        if row["status"] == "ok":
+            if switch == "none":
+                plain_img_s[name, size] = row["train_img_per_s"]
+            elif plain_img_s.get((name, size)):
+                row["train_speedup"] = row["train_img_per_s"] / plain_img_s[name, size]
+                if row["train_speedup"] < 1:
+                    row["note"] = "; ".join(filter(None, [row.get("note"), "slower than without it here"]))
+        rows.append(row)
+        table = upsert(table, row)
+        write_rows(csv_path, table, COLUMNS)
+        print(describe(row), flush=True)
     print(f"wrote {csv_path}")
     try:
         print("".join(f"wrote {p}\n" for p in plot(csv_path)), end="")

@@ -95,13 +95,15 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     # Speed switches (README "Throughput"). Those that change the numerics enter the run key when on (so runs with
-    # and without them never share a key or a row); grad_checkpoint is exact and only recorded in the history.
+    # and without them never share a key or a row); grad_checkpoint and heap_cache are exact and only recorded in the
+    # history.
     compile: bool = False           # torch.compile the backbone (inductor; CPU needs a C++ compiler)
     channels_last: bool = False     # NHWC memory format for the backbone's convolutions and its input
     fused_adamw: bool = False       # AdamW(fused=True): one kernel per step instead of a loop of elementwise ops
     tf32: bool = False              # TF32 matmuls and convolutions (CUDA only; false = true fp32 there too)
     flash_attn: bool = False        # softmax attention through flash-attn (CUDA, bf16; the optional `cuda` extra)
     grad_checkpoint: bool = False   # recompute each block's activations in the backward: memory for time, exact
+    heap_cache: bool = False        # glibc keeps freed memory (no mmap/unmap per activation): exact, process-wide
 
 
 @dataclass
@@ -421,6 +423,11 @@ def check_switches(train: Any, device: str) -> None:
                               "train.precision=bf16 or auto")
         if importlib.util.find_spec("flash_attn") is None:
             raise SwitchUnavailable("train.flash_attn=true: flash-attn is not installed (pip install -e '.[cuda]')")
+    if train.get("heap_cache"):
+        from runio.env import heap_cache_available
+
+        if not heap_cache_available():
+            raise SwitchUnavailable("train.heap_cache=true needs glibc's mallopt (Linux with glibc); remove it here")
 
 
 def check_cfg_scale(value: float, key: str = "cfg_scale") -> None:

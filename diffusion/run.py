@@ -37,8 +37,9 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ["step", "loss", "mse", "vb", "aux", "distill", "grad_norm", "img_per_s", "elapsed_s", "session"]
-# grad_checkpoint recomputes the same activations with the same RNG state: bit-identical steps, so not keyed
-UNKEYED_TRAIN_KEYS = ("steps", "log_every", "ckpt_every", "grad_checkpoint")
+# grad_checkpoint recomputes the same activations with the same RNG state, heap_cache only changes where freed
+# memory goes: bit-identical steps, so not keyed
+UNKEYED_TRAIN_KEYS = ("steps", "log_every", "ckpt_every", "grad_checkpoint", "heap_cache")
 # Speed switches that change the numerics (another kernel, rounding or accumulation order): keyed only when on, so
 # the keys of every run without them (results/published included) hold
 KEYED_SWITCHES = ("compile", "channels_last", "fused_adamw", "tf32", "flash_attn")

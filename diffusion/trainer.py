@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 import backbones
 from backbones.layers import count_parameters, drop_labels, flash_attention
 from diffusion import create_diffusion
-from diffusion.config import ConfigError, to_plain, validate
+from diffusion.config import ConfigError, SwitchUnavailable, to_plain, validate
 from diffusion.data import Dataset, batch_loader, load_from_config
 from diffusion.run import (
     LOG_COLUMNS,
@@ -51,7 +51,7 @@ from diffusion.run import (
     steady_throughput,
 )
 from runio.dist import World, all_ranks_ok, barrier, broadcast, init_world, mean_over_ranks
-from runio.env import PeakMemory, device_name, git_commit, resolve_device
+from runio.env import PeakMemory, device_name, git_commit, keep_freed_memory, resolve_device
 from runio.files import atomic_torch_save, atomic_write_text, load_file, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def effective_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-SWITCHES = ("compile", "channels_last", "fused_adamw", "tf32", "flash_attn", "grad_checkpoint")
+SWITCHES = ("compile", "channels_last", "fused_adamw", "tf32", "flash_attn", "grad_checkpoint", "heap_cache")
 
 
 def switches_on(train_cfg: Any) -> list[str]:
@@ -175,7 +175,8 @@ def switches_on(train_cfg: Any) -> list[str]:
 
 def apply_switches(model: nn.Module, train_cfg: Any, device: torch.device) -> None:
     """What the switches change on the model and the process, before training: TF32 (set either way on CUDA, so a
-    previous run in the process cannot leak it), channels_last, per-block checkpointing; compile comes last, after
+    previous run in the process cannot leak it), channels_last, per-block checkpointing, glibc's malloc policy
+    (heap_cache: for the rest of the process, it cannot be undone); compile comes last, after
     the EMA copy (see build_run). flash-attn and the channels_last input are applied per step by train_step."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(train_cfg.tf32)
@@ -184,6 +185,8 @@ def apply_switches(model: nn.Module, train_cfg: Any, device: torch.device) -> No
         model.to(memory_format=torch.channels_last)
     if train_cfg.grad_checkpoint:
         model.set_grad_checkpointing(True)
+    if train_cfg.get("heap_cache") and not keep_freed_memory():
+        raise SwitchUnavailable("train.heap_cache=true needs glibc's mallopt (Linux with glibc); remove it here")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -65,6 +65,33 @@ def _release_freed_memory() -> None:
         pass
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """``train.heap_cache``: make glibc keep freed memory for reuse instead of handing it back to the OS. By default
+    every block above the mmap threshold (a few MB at most: most activations) is its own mmap, unmapped when freed,
+    so each step page-faults its activations in again; and the top of the heap is trimmed on every large free.
+    Here: no mmap for allocations (they come from the heap) and no automatic trim. Process-wide and irreversible;
+    the numbers are unchanged. False where the C library is not glibc (nothing changed)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def heap_cache_available() -> bool:
+    import ctypes
+
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """Peak memory of a block: on CUDA the allocator's ``max_memory_allocated``; on the CPU (which has no
     allocator statistics) the peak growth of the process's resident set above its level at entry, sampled every

@@ -136,7 +136,7 @@ def test_switches_in_the_run_key(tmp_path):
     """Keyed only when on (the keys of every existing run hold); grad_checkpoint (exact) never; all recorded in
     the session history."""
     base = build_run(train_config(tmp_path / "base", TINY_DIT))
-    assert not {"compile", "channels_last", "fused_adamw", "tf32", "flash_attn", "grad_checkpoint"} \
+    assert not {"compile", "channels_last", "fused_adamw", "tf32", "flash_attn", "grad_checkpoint", "heap_cache"} \
         & set(base.identity["train"])
     ckpt = build_run(train_config(tmp_path / "ckpt", TINY_DIT + ["train.grad_checkpoint=true"]))
     assert ckpt.key == base.key and ckpt.session["switches"] == ["grad_checkpoint"] and base.session["switches"] == []
@@ -213,3 +213,53 @@ def test_attention_splits_qkv_with_one_unbind():
     params = [x, *module.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, params, go),
                                                  torch.autograd.grad(selected, params, go)))
+
+
+HEAP_CACHE_CHILD = """
+import ctypes, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from helpers import TINY_DIT, train_config
+from test_switches import steps
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (size_t fields)
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mmapped_blocks_while_holding_64_mib() -> int:
+    without = libc.mallinfo2().hblks
+    big = torch.empty(2**24)  # 64 MiB
+    big.fill_(1.0)
+    n = libc.mallinfo2().hblks - without
+    del big
+    return n
+
+root = sys.argv[1]
+before = mmapped_blocks_while_holding_64_mib()
+plain = steps(root + "/plain", TINY_DIT)
+cached = steps(root + "/cached", TINY_DIT + ["train.heap_cache=true"])
+after = mmapped_blocks_while_holding_64_mib()
+assert before == 1 and after == 0, (before, after)  # the 64 MiB block came from the heap, not its own mmap
+assert [m["loss"] for m in plain[1]] == [m["loss"] for m in cached[1]]
+assert plain[2].keys() == cached[2].keys() and all(torch.equal(plain[2][k], cached[2][k]) for k in plain[2])
+assert cached[0].key == plain[0].key and cached[0].session["switches"] == ["heap_cache"]
+print("heap cache ok")
+"""
+
+
+def test_heap_cache_stops_mmap_per_block_and_is_bit_identical(tmp_path):
+    """glibc serves a 64 MiB tensor from its heap instead of a fresh mmap once train.heap_cache is on (mallinfo2's
+    mmapped-block count), the steps are bit-identical and the run key is the same (exact switch, recorded in the
+    history). In a child process: the policy is process-wide and would stay for the rest of this worker."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    proc = subprocess.run([sys.executable, "-c", HEAP_CACHE_CHILD, str(tmp_path), str(tests)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tests.parent)})
+    assert proc.returncode == 0 and "heap cache ok" in proc.stdout, proc.stderr[-3000:]

@@ -380,3 +380,23 @@ def test_readme_second_machine_official_loop_ratios_are_its_rounds():
                                                          "cpu-trainer-vs-official.csv")
              for r in read(PUBLISHED / "xeon" / name) if r["matmul_gmac_per_s"] and r["precision"] == "fp32"}
     assert drift and len(rates) == 4 and shown(drift[1], min(rates)) and shown(drift[2], max(rates))
+
+
+def test_process_wide_switch_rows_come_after_every_other_row(tmp_path, monkeypatch):
+    """heap_cache changes glibc's malloc policy for good: measured after every other row of the run (else the plain
+    rows of the next backbones would be measured with it), its speedup still over its own backbone's plain row."""
+    order = []
+
+    def fake(name, size, patch, switch, args, device, rates):
+        order.append((name, switch))
+        img_s = {"none": 2.0}.get(switch, 3.0) * (1 + (name == "dico"))
+        return dict(status="ok", train_img_per_s=img_s, train_util=0.5, sample_img_per_s=1.0, sample_cfg_img_per_s=0.5,
+                    sample_util=0.5, sample_cfg_util=0.5, peak_mem_mb=1.0)
+
+    monkeypatch.setattr(throughput, "measure_switch", fake)
+    monkeypatch.setattr(throughput, "plot", lambda path: [])
+    rows = throughput.main(["--backbones", "dit", "dico", *TINY, "--out", str(tmp_path),
+                            "--switches", "heap_cache", "grad_checkpoint"])
+    assert order == [("dit", "none"), ("dit", "grad_checkpoint"), ("dico", "none"), ("dico", "grad_checkpoint"),
+                     ("dit", "heap_cache"), ("dico", "heap_cache")]
+    assert [r["train_speedup"] for r in rows if r["switches"] == "heap_cache"] == [1.5, 1.5]
