@@ -263,3 +263,12 @@ def test_heap_cache_stops_mmap_per_block_and_is_bit_identical(tmp_path):
     proc = subprocess.run([sys.executable, "-c", HEAP_CACHE_CHILD, str(tmp_path), str(tests)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tests.parent)})
     assert proc.returncode == 0 and "heap cache ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_heap_cache_is_refused_without_glibc(tmp_path, monkeypatch):
+    import runio.env
+
+    monkeypatch.setattr(runio.env, "heap_cache_available", lambda: False)
+    with pytest.raises(SwitchUnavailable, match="train.heap_cache=true needs glibc"):
+        build_run(train_config(tmp_path, TINY_DIT + ["train.heap_cache=true"]))
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -335,17 +335,36 @@ def test_readme_second_machine_table_and_figures_are_its_published_csv():
     assert shown(re.search(r"so DiS's is ([0-9]+) MB", section)[1], float(plain["dis"]["peak_mem_mb"]))
     epyc = {r["backbone"]: r for r in read(PUBLISHED / "cpu.csv") if r["switches"] == "none"}
     assert all(plain[b]["peak_mem_mb"] == epyc[b]["peak_mem_mb"] for b in epyc if b != "dis")  # same tensors
-    rate = re.search(r"the matmul rate measured in that run: ([0-9.]+) GMAC/s; ([0-9.]+) in the run", section)
-    assert shown(rate[1], float(plain["dit"]["matmul_gmac_per_s"])) and shown(rate[2], float(plain["lit"][
-        "matmul_gmac_per_s"]))
-    faster = re.search(r"DiT-S/2 trains ([0-9.]+)x faster", section)[1]
-    assert shown(faster, float(plain["dit"]["train_img_per_s"]) / float(epyc["dit"]["train_img_per_s"]))
-    slower = re.search(r"DiCo is the extreme: ([0-9.]+)x slower", section)[1]
-    assert shown(slower, float(epyc["dico"]["train_img_per_s"]) / float(plain["dico"]["train_img_per_s"]))
-    switched = {r["switches"]: float(r["train_speedup"]) for r in rows if r["train_speedup"]}
+    by_key = {(r["backbone"], r["switches"]): r for r in rows}
+    runs = re.search(r"DiMR and DiS from the first \(matmul rate ([0-9.]+) GMAC/s\), the switch rows of DiT-S/2 but "
+                     r"`heap_cache` from the second \(([0-9.]+)\), DiT and DiCo with their `heap_cache` rows from the "
+                     r"last \(the matmul rate measured in that run: ([0-9.]+) GMAC/s\)", section)
+    assert runs, "the README says which run each row comes from"
+    for backbone, switch, group in (("lit", "none", 1), ("rwkv", "none", 1), ("dimr", "none", 1), ("dis", "none", 1),
+                                    ("dit", "compile", 2), ("dit", "bf16", 2), ("dit", "none", 3),
+                                    ("dico", "none", 3), ("dit", "heap_cache", 3), ("dico", "heap_cache", 3)):
+        rate = float(by_key[backbone, switch]["matmul_gmac_per_s"]) if switch != "bf16" else None
+        assert rate is None or shown(runs[group], rate), (backbone, switch)
+    xeon_rates = [float(r["matmul_gmac_per_s"]) for r in rows if r["precision"] == "fp32" and r["matmul_gmac_per_s"]]
+    epyc_rates = [float(r["matmul_gmac_per_s"]) for r in read(PUBLISHED / "cpu.csv")
+                  if r["precision"] == "fp32" and r["matmul_gmac_per_s"]]
+    span = re.search(r"fp32 matmul rate is ([0-9.]+)-([0-9.]+)x the EPYC's", section)
+    assert shown(span[1], min(xeon_rates) / max(epyc_rates)) and shown(span[2], max(xeon_rates) / min(epyc_rates))
+    utils = re.search(r"\(([0-9.]+) in the table's run, ([0-9.]+) with `heap_cache`\)", section)
+    assert shown(utils[1], float(plain["dit"]["train_util"]))
+    assert shown(utils[2], float(by_key["dit", "heap_cache"]["train_util"]))
+    heap = re.search(r"in the last run DiT-S/2 trained ([0-9.]+)x faster with it and DiCo-S ([0-9.]+)x", section)
+    assert shown(heap[1], float(by_key["dit", "heap_cache"]["train_speedup"]))
+    assert shown(heap[2], float(by_key["dico", "heap_cache"]["train_speedup"]))
+    dico = re.search(r"without the switch it trains ([0-9.]+)x slower here than on the EPYC \(([0-9.]+) against "
+                     r"([0-9.]+) img/s\), with it ([0-9.]+)x", section)
+    epyc_dico, xeon_dico = float(epyc["dico"]["train_img_per_s"]), float(plain["dico"]["train_img_per_s"])
+    assert shown(dico[1], epyc_dico / xeon_dico) and shown(dico[2], xeon_dico) and shown(dico[3], epyc_dico)
+    assert shown(dico[4], epyc_dico / float(by_key["dico", "heap_cache"]["train_img_per_s"]))
+    switched = {r["switches"]: float(r["train_speedup"]) for r in rows if r["train_speedup"] and r["backbone"] == "dit"}
     for label, switch in (("bf16 autocast", "bf16"), ("`torch.compile`", "compile"), ("channels_last",
                           "channels_last"), ("fused AdamW", "fused_adamw"), ("gradient checkpointing",
-                          "grad_checkpoint")):
+                          "grad_checkpoint"), ("heap cache", "heap_cache")):
         match = re.search(rf"{re.escape(label)} ([0-9.]+)x", section.split("Switch rows of DiT-S/2 here")[1])
         assert match and shown(match[1], switched[switch]), switch
     rounds = read(xeon / "cpu-trainer-vs-bare.csv")
@@ -375,11 +394,11 @@ def test_readme_second_machine_official_loop_ratios_are_its_rounds():
     assert util and shown(util[1], statistics.median(float(r["trainer_util"]) for r in b32))
     assert shown(util[2], statistics.median(float(r["official_util"]) for r in b32))
     assert all(shown(util[3], float(r["matmul_gmac_per_s"])) for r in rounds)
-    drift = re.search(r"varied from ([0-9.]+) to ([0-9.]+) GMAC/s across the four runs", section)
+    drift = re.search(r"drifted from ([0-9.]+) to ([0-9.]+) GMAC/s across the five runs", section)
     rates = {float(r["matmul_gmac_per_s"]) for name in ("cpu.csv", "cpu-trainer-vs-bare.csv",
                                                          "cpu-trainer-vs-official.csv")
              for r in read(PUBLISHED / "xeon" / name) if r["matmul_gmac_per_s"] and r["precision"] == "fp32"}
-    assert drift and len(rates) == 4 and shown(drift[1], min(rates)) and shown(drift[2], max(rates))
+    assert drift and len(rates) == 5 and shown(drift[1], min(rates)) and shown(drift[2], max(rates))
 
 
 def test_process_wide_switch_rows_come_after_every_other_row(tmp_path, monkeypatch):
