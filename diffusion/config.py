@@ -400,6 +400,9 @@ def validate_sweep(sweep: DictConfig) -> None:
         raise ConfigError(f"sweep.seeds={seeds} lists a seed twice; each seed is one run of every point")
 
 
+HEAP_CACHE_UNAVAILABLE = "train.heap_cache=true needs glibc's mallopt (Linux with glibc); remove it here"
+
+
 class SwitchUnavailable(ConfigError):
     """A speed switch this device or installation cannot run (TF32 or flash-attn without CUDA, ...)."""
 
@@ -427,7 +430,7 @@ def check_switches(train: Any, device: str) -> None:
         from runio.env import heap_cache_available
 
         if not heap_cache_available():
-            raise SwitchUnavailable("train.heap_cache=true needs glibc's mallopt (Linux with glibc); remove it here")
+            raise SwitchUnavailable(HEAP_CACHE_UNAVAILABLE)
 
 
 def check_cfg_scale(value: float, key: str = "cfg_scale") -> None:

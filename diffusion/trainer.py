@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 import backbones
 from backbones.layers import count_parameters, drop_labels, flash_attention
 from diffusion import create_diffusion
-from diffusion.config import ConfigError, SwitchUnavailable, to_plain, validate
+from diffusion.config import HEAP_CACHE_UNAVAILABLE, ConfigError, SwitchUnavailable, to_plain, validate
 from diffusion.data import Dataset, batch_loader, load_from_config
 from diffusion.run import (
     LOG_COLUMNS,
@@ -186,7 +186,7 @@ def apply_switches(model: nn.Module, train_cfg: Any, device: torch.device) -> No
     if train_cfg.grad_checkpoint:
         model.set_grad_checkpointing(True)
     if train_cfg.get("heap_cache") and not keep_freed_memory():
-        raise SwitchUnavailable("train.heap_cache=true needs glibc's mallopt (Linux with glibc); remove it here")
+        raise SwitchUnavailable(HEAP_CACHE_UNAVAILABLE)
 
 
 # ----------------------------------------------------------------------------------------------------------------

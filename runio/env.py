@@ -51,18 +51,26 @@ def git_commit() -> str:
     return _GIT_COMMIT_AT_IMPORT
 
 
+def _glibc() -> Any:
+    """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def _release_freed_memory() -> None:
     """Return the C heap's free pages to the OS (glibc ``malloc_trim``), so that resident-set growth counts every
     page the measured block touches, even in a process that trained before (a sweep)."""
     import gc
 
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: growth may then read low after earlier work
-        pass
+    libc = _glibc()
+    if libc is not None:  # not glibc: growth may then read low after earlier work
+        libc.malloc_trim(0)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -70,26 +78,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 def keep_freed_memory() -> bool:
     """``train.heap_cache``: make glibc keep freed memory for reuse instead of handing it back to the OS. By default
-    every block above the mmap threshold (a few MB at most: most activations) is its own mmap, unmapped when freed,
-    so each step page-faults its activations in again; and the top of the heap is trimmed on every large free.
-    Here: no mmap for allocations (they come from the heap) and no automatic trim. Process-wide and irreversible;
-    the numbers are unchanged. False where the C library is not glibc (nothing changed)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    except (OSError, AttributeError):
-        return False
+    every block above the mmap threshold (128 KiB at start, raised up to 32 MiB as such blocks are freed: most
+    activations of a training step lie above it) is its own mmap, unmapped when freed, so each step page-faults its
+    activations in again; and the top of the heap is trimmed on every large free. Here: no mmap for allocations
+    (they come from the heap) and no automatic trim. Process-wide and irreversible; the numbers are unchanged.
+    False where the C library is not glibc (nothing changed)."""
+    libc = _glibc()
+    return libc is not None and libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def heap_cache_available() -> bool:
-    import ctypes
-
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
-    except OSError:
-        return False
+    return _glibc() is not None
 
 
 class PeakMemory:
